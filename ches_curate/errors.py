@@ -16,14 +16,20 @@ class ChesCurateError(Exception):
 class InputError(ChesCurateError):
     """Bad input data: names the file, the line (or row) and the field.
 
-    `str(err)` reads like `pairs.jsonl:17: field 'rejected' is empty (use --on-error quarantine to keep going)`.
+    `str(err)` reads like `pairs.jsonl:17: field 'rejected' is empty (use --on-error quarantine to keep going)`;
+    with `unit="row"` (Parquet, datasets) like `pairs.parquet: row 3: field 'chosen' is null`.
     """
 
     exit_code = 2
 
-    def __init__(self, source: str, line: int | None, field: str | None, reason: str, hint: str | None = None):
-        self.source, self.line, self.field, self.reason, self.hint = source, line, field, reason, hint
-        where = source if line is None else f"{source}:{line}"
+    def __init__(
+        self, source: str, line: int | None, field: str | None, reason: str, hint: str | None = None, unit: str = "line"
+    ):
+        self.source, self.line, self.field, self.reason, self.hint, self.unit = source, line, field, reason, hint, unit
+        if line is None:
+            where = source
+        else:
+            where = f"{source}:{line}" if unit == "line" else f"{source}: {unit} {line}"
         what = reason if field is None else f"field '{field}' {reason}"
         super().__init__(f"{where}: {what}" + (f" ({hint})" if hint else ""))
 
