@@ -119,7 +119,7 @@ class Scorer:
         rejected_len = torch.tensor([len(t.rejected_ids) for t in tokens], dtype=torch.float64)
         chosen_sum, rejected_sum = sums[0::2].cpu(), sums[1::2].cpu()
         ches, ln_ches = ches_scores(chosen_sum, rejected_sum, chosen_len, rejected_len)
-        last_ip = last_hidden_inner_product(lasts[0::2].cpu(), lasts[1::2].cpu())
+        last_ip = last_hidden_inner_product(lasts[0::2].cpu().double(), lasts[1::2].cpu().double())
         rows = []
         for i, e in enumerate(batch):
             values = (ches[i].item(), ln_ches[i].item(), last_ip[i].item())

