@@ -47,6 +47,7 @@ def score_file(
     config: ScoringConfig | None = None,
     format: str = "auto",
     progress: bool = True,
+    split: str | None = None,
 ) -> ScoreFileSummary:
     """Read `source`, score every pair, write `output` (.parquet) sorted by input row."""
     import time
@@ -58,7 +59,7 @@ def score_file(
     started = time.perf_counter()
     scorer = Scorer(model, config)
     rejected: list[RejectedRow] = []
-    pairs = _split(read_pairs(source, format=format, on_error=config.on_error), rejected)
+    pairs = _split(read_pairs(source, format=format, on_error=config.on_error, split=split), rejected)
     frames = scorer.score_batches(pairs)
     if progress:
         frames = track_frames(frames, "scoring")

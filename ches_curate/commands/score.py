@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."),
         model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
         format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
+        split: Optional[str] = typer.Option(None, "--split", help="Split of a hub dataset or a datasets directory."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Cap on prompt + response tokens."),
         device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
@@ -67,7 +68,7 @@ def register(app: typer.Typer) -> None:
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
         from ches_curate.score_file import score_file
 
-        result = score_file(input, output, model=model, config=config, format=format)
+        result = score_file(input, output, model=model, config=config, format=format, split=split)
         print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key}")
         console.print(f"wrote [bold]{result.output}[/] in {result.seconds:.1f} s")
         if result.rejected_path:
