@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from ches_curate.hookspecs import hookimpl
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ _LAZY = {
     "Store": "ches_curate.store",
 }
 
-__all__ = ["PreferencePair", "SCORE_COLUMNS", *_LAZY]
+__all__ = ["PreferencePair", "SCORE_COLUMNS", "hookimpl", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -19,6 +19,9 @@ from ches_curate.errors import ChesCurateError
 
 COMMAND_MODULES = (
     "ches_curate.commands.score",
+    "ches_curate.commands.report",
+    "ches_curate.commands.filter",
+    "ches_curate.commands.quality",
 )
 
 err_console = Console(stderr=True)

@@ -1,0 +1,186 @@
+"""`ches-curate policies` and `ches-curate filter`: list filter policies, apply one to stored scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ches_curate import plugins
+from ches_curate.errors import ChesCurateError
+from ches_curate.policies import (
+    PolicyParams,
+    SelectionResult,
+    apply_policy,
+    available_policies,
+    get_policy,
+    score_values,
+    validate_params,
+)
+
+console = Console()
+
+PLUGIN_HELP = "Load a plugin module by import name or .py path (repeatable), besides installed entry points."
+EXCERPT_CHARS = 60
+
+
+def register(app: typer.Typer) -> None:
+    app.command("policies")(policies)
+    app.command("filter")(filter_pairs)
+
+
+def policies(
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
+) -> None:
+    """List the filter policies from every plugin, with their parameters, defaults and help."""
+    _load(plugin)
+    table = Table(title="filter policies", show_lines=True)
+    table.add_column("policy", style="bold", no_wrap=True)
+    table.add_column("plugin")
+    table.add_column("description, then params (--param name=value)")
+    for name, entry in available_policies().items():
+        details = Text(entry.obj.description)
+        details.append("\n" + _params_help(entry.obj.Params), style="cyan")
+        table.add_row(Text(name), Text(entry.plugin), details)
+    console.print(table)
+    shared = PolicyParams.model_fields["score_column"]
+    console.print(Text(f"Every policy also takes score_column (default {shared.default!r}): {shared.description}"))
+    disabled = plugins.disabled_plugins()
+    if disabled:
+        console.print(Text(f"disabled by {plugins.DISABLED_PLUGINS_ENV}: {', '.join(sorted(disabled))}"))
+
+
+def filter_pairs(
+    dataset: str = typer.Option(..., "--dataset", help="Stored dataset to filter."),
+    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model key of the scores (default: the only model that scored it)."),
+    policy: str = typer.Option(..., "--policy", help="Policy name; `ches-curate policies` lists them."),
+    param: list[str] = typer.Option([], "--param", help="Policy parameter as name=value (repeatable)."),
+    match_selection: Optional[int] = typer.Option(
+        None, "--match-selection", help="Set param n to the number of pairs selection ID removed (the random control)."
+    ),
+    show: int = typer.Option(5, "--show", min=0, help="How many of the first removed pairs to print."),
+    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."),
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
+) -> None:
+    """Apply a filter policy to a dataset's scores and record the decision in the `selections` table."""
+    from ches_curate.store import Store
+
+    _load(plugin)
+    params = parse_params(param)
+    if match_selection is None:
+        validate_params(get_policy(policy).obj, params)  # fail fast, before opening the store
+    store = Store(db)
+    if match_selection is not None:
+        params = _matched(params, policy, store, match_selection)
+    dv = store.dataset_version(dataset, version)
+    model_key = model or _only_model_key(store, dv.name, dv.version)
+    scores = store.scores(dv.name, dv.version, model_key)
+    if scores.empty:
+        raise ChesCurateError(
+            f"dataset '{dv.name}' v{dv.version} has no scores for model '{model_key}'; "
+            f"run `ches-curate score --dataset {dv.name}` or pick another --model"
+        )
+    result = apply_policy(scores, policy, params)
+    selection_id = store.save_selection(
+        result.policy, result.params, dv.name, dv.version, model_key, result.frame, result.score_column
+    )
+    _print_result(selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}")
+    if show and result.n_removed:
+        console.print(removed_table(scores, result, show))
+
+
+def _print_result(selection_id: int, result: SelectionResult, where: str) -> None:
+    total = result.n_kept + result.n_removed
+    console.print(
+        f"selection [bold]{selection_id}[/]: {escape(result.policy)} {escape(json.dumps(result.params))} "
+        f"on {escape(where)}",
+        highlight=False,
+    )
+    console.print(
+        f"kept [bold green]{result.n_kept:,}[/], removed [bold red]{result.n_removed:,}[/] of {total:,} pairs "
+        f"({result.n_removed / total:.1%} removed)",
+        highlight=False,
+    )
+
+
+def parse_params(items: list[str]) -> dict[str, str]:
+    """`["k=5", "score_column=ln_ches"]` -> `{"k": "5", ...}`; the policy's Params model converts the values."""
+    params: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ChesCurateError(f"--param {item!r} must look like name=value, e.g. --param k=100")
+        if name in params:
+            raise ChesCurateError(f"--param {name} is given twice")
+        params[name] = value.strip()
+    return params
+
+
+def removed_table(scores: pd.DataFrame, result: SelectionResult, limit: int) -> Table:
+    """The first `limit` removed pairs with their score and text excerpts (plain text, never rich markup)."""
+    values = score_values(scores, result.score_column)
+    frame = result.frame.assign(score=values, position=range(len(scores)))
+    first = frame[~frame["kept"]].sort_values("rank").head(limit)
+    table = Table(title=f"first {len(first)} removed pairs (by rank)")
+    for column in ("rank", "pair_id", result.score_column, "prompt", "chosen", "rejected"):
+        table.add_column(column, justify="right" if column in ("rank", result.score_column) else "left")
+    for row in first.itertuples():
+        pair = scores.iloc[row.position]
+        table.add_row(
+            str(row.rank), pair["pair_id"][:12], f"{row.score:.4g}",
+            *(Text(_excerpt(pair[column])) for column in ("prompt", "chosen", "rejected")),
+        )
+    return table
+
+
+def _excerpt(value: Any) -> str:
+    if isinstance(value, list):
+        value = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in value)
+    text = " ".join(str(value).split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def _params_help(params_model: Any) -> str:
+    """One line per param; score_column only where a policy changes its default."""
+    lines = []
+    for name, field in params_model.model_fields.items():
+        if name == "score_column" and field.default == PolicyParams.model_fields[name].default:
+            continue
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{name}: {_type_name(field.annotation)}, {default} — {field.description or ''}".rstrip(" —"))
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _load(modules: list[str]) -> None:
+    for module in modules:
+        plugins.load_plugin_module(module)
+
+
+def _only_model_key(store: Any, name: str, version: int) -> str | None:
+    """The model key when exactly one model scored the version; else None, and `Store.scores` explains."""
+    keys = store.sql(
+        "SELECT model_key FROM score_summary WHERE dataset_name = ? AND dataset_version = ?", params=[name, version]
+    ).model_key.tolist()
+    return keys[0] if len(keys) == 1 else None
+
+
+def _matched(params: dict[str, str], policy: str, store: Any, selection_id: int) -> dict[str, Any]:
+    if "n" not in get_policy(policy).obj.Params.model_fields:
+        raise ChesCurateError(f"--match-selection sets param n, which policy '{policy}' does not take")
+    if "n" in params or "fraction" in params:
+        raise ChesCurateError("--match-selection sets n; drop --param n / --param fraction")
+    kept = store.selection(selection_id)["kept"].astype(bool)
+    return {**params, "n": int((~kept).sum())}

@@ -1,0 +1,94 @@
+"""`ches-curate quality`: run the Great Expectations suites on a stored dataset, or show the latest results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ches_curate.errors import ChesCurateError
+
+console = Console()
+
+_STATUS = {(True, "error"): "[green]pass[/]", (True, "warn"): "[green]pass[/]",
+           (False, "error"): "[bold red]FAIL[/]", (False, "warn"): "[yellow]warn[/]"}
+
+
+def print_results(frame: pd.DataFrame, title: str) -> None:
+    """One table per suite (columns of `QualityReport.to_frame` / `latest_quality_results`)."""
+    for suite, rows in frame.groupby("suite", sort=False):
+        first = rows.iloc[0]
+        verdict = "[green]passed[/]" if first.run_success else "[bold red]failed[/]"
+        table = Table(title=f"{title}: suite {suite}, {first.n_rows} rows, {first.failure_rate:.2%} failing "
+                            f"error checks: {verdict}", title_justify="left")
+        for column, justify in (("expectation", "left"), ("severity", "left"), ("status", "left"),
+                                ("unexpected", "right")):
+            table.add_column(column, justify=justify)
+        for row in rows.itertuples():
+            count = "-" if pd.isna(row.unexpected_count) else f"{int(row.unexpected_count):,}"
+            table.add_row(escape(row.expectation), row.severity, _STATUS[(bool(row.success), row.severity)], count)
+        console.print(table)
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ChesCurateError(f"cannot load tokenizer {name!r}: {err}") from err
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def quality(
+        dataset: str = typer.Option(..., "--dataset", help="Stored dataset to check."),
+        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model key of the scores to check "
+                                            "(default: the one model that scored the version)."),
+        suite: str = typer.Option("all", "--suite", help="pairs, scores or all (all skips scores if none exist)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON quality config: bounds, "
+                                              "thresholds, severities, extra GE expectations."),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (local dir or hub id) for the "
+                                                "token-length bounds of the pairs suite."),
+        show: bool = typer.Option(False, "--show", help="Only show the latest stored results; run nothing."),
+        db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB",
+                                          help="DuckDB file (default ./ches_curate.duckdb)."),
+    ) -> None:
+        """Check a stored dataset with Great Expectations; quarantine the rows failing error expectations.
+
+        Writes quality_runs and quality_results; error rows go to quarantine (stage 'quality').
+        Exits non-zero when a suite's fraction of failing rows exceeds max_failure_rate.
+        """
+        from ches_curate.quality import QualityConfig, QualityFailedError, latest_quality_results, run_quality
+        from ches_curate.store import Store
+
+        store = Store(db, create=False)
+        if show:
+            frame = latest_quality_results(store, dataset, version)
+            if frame.empty:
+                console.print(f"no quality runs yet for {dataset!r}; run `ches-curate quality --dataset {dataset}`")
+                return
+            print_results(frame, f"latest quality results for {dataset}")
+            return
+        if suite not in ("pairs", "scores", "all"):
+            raise ChesCurateError(f"--suite must be pairs, scores or all, got {suite!r}")
+        settings = QualityConfig.from_file(config) if config else QualityConfig()
+        loaded_tokenizer = _load_tokenizer(tokenizer) if tokenizer else None
+        try:
+            report = run_quality(store, dataset, version, model, suite, settings, tokenizer=loaded_tokenizer)
+        except QualityFailedError as failed:
+            print_results(failed.report.to_frame(), dataset)
+            raise ChesCurateError(failed.headline) from None
+        print_results(report.to_frame(), dataset)
+        for note in report.notes:
+            console.print(f"[dim]{escape(note)}[/]")
+        quarantined = sum(len(s.quarantine) for s in report.suites)
+        if quarantined:
+            console.print(f"[yellow]{quarantined} failing rows of error expectations recorded in quarantine[/] "
+                          "(stage 'quality')")

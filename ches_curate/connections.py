@@ -1,0 +1,62 @@
+"""Short-lived DuckDB connections that wait a bounded time for another process's lock.
+
+DuckDB lets one process hold a database file for writing and refuses every other
+process meanwhile, readers included, with an IOException like `Could not set lock on
+file "x.duckdb": Conflicting lock is held in /usr/bin/python3 (PID 1234)`. Opening
+retries with backoff up to a timeout, then raises `StoreLockedError` naming the holder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from ches_curate.errors import ChesCurateError, StoreLockedError
+
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+_LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for a lock: `$CHES_CURATE_LOCK_TIMEOUT`, default 5."""
+    return float(os.environ.get("CHES_CURATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+
+
+@contextmanager
+def connect(path: Path, read_only: bool = False, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open `path`, retrying while another process holds its lock; closed on exit."""
+    con = open_connection(path, read_only, lock_timeout() if timeout_s is None else timeout_s)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def open_connection(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as err:
+            if not (isinstance(err, duckdb.IOException) and "lock" in str(err).lower()):
+                raise ChesCurateError(f"cannot open {path}: {err}") from err
+            if time.monotonic() + delay > deadline:
+                raise locked_error(path, err, timeout_s) from err
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+def locked_error(path: Path, err: Exception, timeout_s: float) -> StoreLockedError:
+    match = _LOCK_HOLDER.search(str(err))
+    holder = f"process {match['pid']} ({match['exe']})" if match else "another process"
+    return StoreLockedError(
+        f"{path} is locked by {holder}; waited {timeout_s:g} s. DuckDB allows one process at a time: "
+        "wait for it to finish (or stop it), or raise CHES_CURATE_LOCK_TIMEOUT to wait longer"
+    )

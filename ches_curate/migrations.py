@@ -1,0 +1,183 @@
+"""Numbered schema migrations of the DuckDB store.
+
+Each migration runs once, in its own transaction, together with the row it adds to
+`schema_version`; a database at version N gets migrations N+1.. on its next open.
+Never edit a released migration: append a new one. Column names are public API
+(users write SQL against them), documented table by table in docs/sections/store.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ches_curate.errors import ChesCurateError
+
+NOW_UTC = "(timezone('UTC', current_timestamp))"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+CORE = Migration(
+    1,
+    "datasets, pairs, models, score runs, scores, quarantine",
+    (
+        f"""CREATE TABLE IF NOT EXISTS schema_version (
+            version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        "CREATE SEQUENCE score_run_id_seq START 1",
+        "CREATE SEQUENCE quarantine_id_seq START 1",
+        f"""CREATE TABLE datasets (
+            name VARCHAR NOT NULL, version INTEGER NOT NULL, source VARCHAR, content_hash VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC}, n_pairs BIGINT NOT NULL, n_quarantined BIGINT NOT NULL,
+            PRIMARY KEY (name, version))""",
+        """CREATE TABLE pairs (
+            pair_id VARCHAR PRIMARY KEY, prompt VARCHAR NOT NULL, prompt_messages JSON, chosen VARCHAR NOT NULL,
+            rejected VARCHAR NOT NULL, format VARCHAR NOT NULL, metadata JSON)""",
+        """CREATE TABLE dataset_pairs (
+            name VARCHAR NOT NULL, version INTEGER NOT NULL, "row" BIGINT NOT NULL, pair_id VARCHAR NOT NULL,
+            PRIMARY KEY (name, version, "row"))""",
+        f"""CREATE TABLE models (
+            model_key VARCHAR PRIMARY KEY, name VARCHAR, revision VARCHAR, file_hash VARCHAR, dtype VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        f"""CREATE TABLE score_runs (
+            run_id INTEGER PRIMARY KEY DEFAULT nextval('score_run_id_seq'), dataset_name VARCHAR NOT NULL,
+            dataset_version INTEGER NOT NULL, model_key VARCHAR NOT NULL, params JSON, status VARCHAR NOT NULL,
+            started_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC}, finished_at TIMESTAMP, n_scored BIGINT NOT NULL DEFAULT 0,
+            n_skipped BIGINT NOT NULL DEFAULT 0, n_failed BIGINT NOT NULL DEFAULT 0, zenml_run_id VARCHAR)""",
+        f"""CREATE TABLE scores (
+            pair_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, ches DOUBLE, ln_ches DOUBLE, chosen_tokens INTEGER,
+            rejected_tokens INTEGER, last_hidden_ip DOUBLE, edit_distance DOUBLE, truncated BOOLEAN, run_id INTEGER,
+            scored_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC}, PRIMARY KEY (pair_id, model_key))""",
+        f"""CREATE TABLE quarantine (
+            quarantine_id BIGINT PRIMARY KEY DEFAULT nextval('quarantine_id_seq'), dataset_name VARCHAR,
+            dataset_version INTEGER, stage VARCHAR NOT NULL CHECK (stage IN ('ingest', 'quality', 'scoring')),
+            source VARCHAR, line BIGINT, field VARCHAR, reason VARCHAR NOT NULL, expectation VARCHAR, pair_id VARCHAR,
+            raw VARCHAR, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+    ),
+)
+
+CURATION = Migration(
+    2,
+    "selections, quality runs and results, ablations, pair likelihoods",
+    (
+        "CREATE SEQUENCE selection_id_seq START 1",
+        "CREATE SEQUENCE quality_run_id_seq START 1",
+        "CREATE SEQUENCE ablation_id_seq START 1",
+        f"""CREATE TABLE selections (
+            selection_id INTEGER NOT NULL, policy VARCHAR NOT NULL, params JSON, dataset_name VARCHAR NOT NULL,
+            dataset_version INTEGER NOT NULL, model_key VARCHAR, pair_id VARCHAR NOT NULL, kept BOOLEAN NOT NULL,
+            rank INTEGER, score_column VARCHAR, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC},
+            PRIMARY KEY (selection_id, pair_id))""",
+        f"""CREATE TABLE quality_runs (
+            quality_run_id INTEGER PRIMARY KEY DEFAULT nextval('quality_run_id_seq'), suite VARCHAR NOT NULL,
+            dataset_name VARCHAR, dataset_version INTEGER, model_key VARCHAR,
+            started_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC}, finished_at TIMESTAMP, success BOOLEAN, n_rows BIGINT,
+            failure_rate DOUBLE, summary JSON, ge_result JSON)""",
+        """CREATE TABLE quality_results (
+            quality_run_id INTEGER NOT NULL, expectation VARCHAR NOT NULL, severity VARCHAR, success BOOLEAN,
+            unexpected_count BIGINT, unexpected_pair_ids JSON, details JSON)""",
+        f"""CREATE TABLE ablations (
+            ablation_id INTEGER NOT NULL DEFAULT nextval('ablation_id_seq'), arm VARCHAR NOT NULL, policy VARCHAR,
+            selection_id INTEGER, dataset_name VARCHAR, dataset_version INTEGER, model_key VARCHAR,
+            n_train_pairs BIGINT, preferred_logp_change DOUBLE, dispreferred_logp_change DOUBLE,
+            preferred_decrease_fraction DOUBLE, ches_logp_corr DOUBLE, ln_ches_logp_corr DOUBLE,
+            refusal_rate_before DOUBLE, refusal_rate_after DOUBLE, train_loss DOUBLE, reward_accuracy DOUBLE,
+            wall_time_s DOUBLE, config JSON, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        """CREATE TABLE pair_likelihoods (
+            ablation_id INTEGER NOT NULL, arm VARCHAR NOT NULL, pair_id VARCHAR NOT NULL,
+            preferred_logp_before DOUBLE, preferred_logp_after DOUBLE, dispreferred_logp_before DOUBLE,
+            dispreferred_logp_after DOUBLE)""",
+    ),
+)
+
+
+def _quantiles(column: str) -> str:
+    """`quantile_cont` of several levels computed in one pass, unpacked into named columns."""
+    return ", ".join(
+        f"{column}_q[{i}] AS {column}_p{level:02d}" for i, level in enumerate((5, 25, 50, 75, 95), start=1)
+    )
+
+
+VIEWS = Migration(
+    3,
+    "views latest_scores and score_summary",
+    (
+        """CREATE VIEW latest_scores AS
+            WITH latest AS (SELECT name, max(version) AS version FROM datasets GROUP BY name)
+            SELECT dp.name AS dataset_name, dp.version AS dataset_version, dp."row", s.pair_id, s.model_key,
+                   s.ches, s.ln_ches, s.chosen_tokens, s.rejected_tokens, s.last_hidden_ip, s.edit_distance,
+                   s.truncated, s.run_id, s.scored_at
+            FROM latest JOIN dataset_pairs dp USING (name, version) JOIN scores s ON s.pair_id = dp.pair_id""",
+        f"""CREATE VIEW score_summary AS
+            SELECT dataset_name, dataset_version, model_key, n_scored,
+                   ches_mean, ches_min, {_quantiles("ches")}, ches_max,
+                   ln_ches_mean, ln_ches_min, {_quantiles("ln_ches")}, ln_ches_max
+            FROM (
+                SELECT dp.name AS dataset_name, dp.version AS dataset_version, s.model_key, count(*) AS n_scored,
+                       avg(s.ches) AS ches_mean, min(s.ches) AS ches_min, max(s.ches) AS ches_max,
+                       quantile_cont(s.ches, [0.05, 0.25, 0.5, 0.75, 0.95]) AS ches_q,
+                       avg(s.ln_ches) AS ln_ches_mean, min(s.ln_ches) AS ln_ches_min, max(s.ln_ches) AS ln_ches_max,
+                       quantile_cont(s.ln_ches, [0.05, 0.25, 0.5, 0.75, 0.95]) AS ln_ches_q
+                FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id
+                GROUP BY dp.name, dp.version, s.model_key)""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def current_version(con) -> int:
+    """The schema version of the database behind `con`: 0 for a file without our schema."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchall()[0][0]
+    if not exists:
+        return 0
+    return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
+
+
+def apply(con, up_to: int = LATEST_VERSION) -> list[int]:
+    """Apply the pending migrations up to `up_to` (each in its own transaction); returns the versions applied."""
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version > up_to or migration.version <= current_version(con):
+            continue
+        con.begin()
+        try:
+            for statement in migration.statements:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version (version) VALUES (?)", [migration.version])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        applied.append(migration.version)
+    return applied
+
+
+def ensure_latest(path: Path, connect: Callable) -> None:
+    """Bring the database at `path` to the latest schema, creating it if missing.
+
+    An up-to-date file is only opened read-only, so readers never take the write lock.
+    A file from a newer ches-curate is refused rather than guessed at.
+    """
+    if path.exists():
+        with connect(read_only=True) as con:
+            version = current_version(con)
+        if version == LATEST_VERSION:
+            return
+        if version > LATEST_VERSION:
+            raise ChesCurateError(
+                f"{path} has schema version {version}, newer than this ches-curate knows ({LATEST_VERSION}); "
+                "upgrade ches-curate"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with connect() as con:
+        apply(con)

@@ -1,0 +1,402 @@
+"""The curation report: one self-contained HTML page on a dataset's scores, selections, quality and ablations.
+
+`build_report` reads everything with SQL over the store's tables (`scores`, `pairs`,
+`selections`, `quality_runs`/`quality_results`, `quarantine`, `ablations`,
+`pair_likelihoods`), draws the plots (`report_plots`: PNGs inlined as `data:` URIs) and
+renders `templates/report.html.j2` with Jinja2 autoescaping, so every prompt, response
+and name is HTML-escaped. The page loads nothing else: its Content-Security-Policy
+allows no script and no request beyond its own inline images and styles. The CLI
+(`ches-curate report`) writes it to a file; the curation pipeline returns the same
+string as a ZenML HTML visualization. A section without data says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ches_curate import __version__, report_plots
+from ches_curate.errors import ChesCurateError
+from ches_curate.store import DatasetVersion, Store
+
+Query = Callable[[str, list], pd.DataFrame]
+"""Runs one SQL query with parameters on the report's read-only connection."""
+
+EXCERPT_CHARS = 100
+"""Characters of the prompt shown, on one line, in the collapsed row of a highest-CHES pair."""
+SCORE_STATS_COLUMNS = ("ches", "ln_ches", "edit_distance")
+ABLATION_COLUMNS = (
+    "n_train_pairs", "preferred_logp_change", "dispreferred_logp_change", "preferred_decrease_fraction",
+    "ches_logp_corr", "ln_ches_logp_corr", "refusal_rate_before", "refusal_rate_after", "reward_accuracy",
+    "train_loss", "wall_time_s",
+)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report shows beyond the fixed sections."""
+
+    top_pairs: int = 20
+    """How many of the highest-CHES pairs to show with their prompt and both responses."""
+    text_chars: int = 4000
+    """Characters kept of each prompt and response in that table (the rest is counted, not shown)."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A selection's threshold on one score: kept scores lie on one side of `value`, removed on the other."""
+
+    column: str
+    value: float
+    kept_edge: float
+    """The kept score nearest the removed ones (the highest kept, or the lowest for a negated score_column)."""
+    removed_edge: float
+    """The removed score nearest the kept ones (the lowest removed, or the highest for a negated score_column)."""
+
+
+def build_report(
+    store: Store, dataset: str, version: int | None = None, model_key: str | None = None,
+    selection_id: int | None = None, config: ReportConfig | None = None,
+) -> str:
+    """The HTML report of dataset `dataset` (default: its latest version, or the version `selection_id` filtered).
+
+    `model_key` picks the scores (default: the selection's model, else the only model that
+    scored the version); `selection_id` the selection whose cut is drawn (default: the
+    latest selection of this dataset version and model).
+    """
+    config = config or ReportConfig()
+    dv, model_key, selection = _resolve(store, dataset, version, model_key, selection_id)
+    selection_id = (selection or {}).get("selection_id")
+    with store.connect(read_only=True) as con:
+        def query(sql: str, params: list) -> pd.DataFrame:
+            return con.execute(sql, params).df()
+
+        scores = _scores(query, dv, model_key, selection_id)
+        top_pairs = _top_pairs(query, dv, model_key, selection_id, config)
+        selections = _selections(query, dv, model_key)
+        quality = _quality(query, dv, model_key)
+        quarantine = _quarantine(query, dv)
+        arms, per_pair = _ablation_rows(query, dv, model_key)
+    return _template().render(
+        dataset=dv, model_key=model_key, selection=selection, n_scored=len(scores),
+        generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
+        score_stats=_score_stats(scores), score_plots=_score_plots(scores, selection), top_pairs=top_pairs,
+        top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
+        ablation=_ablation(arms, per_pair),
+    )
+
+
+def write_report(
+    store: Store, dataset: str, version: int | None = None, model_key: str | None = None,
+    selection_id: int | None = None, *, output: str | Path, config: ReportConfig | None = None,
+) -> Path:
+    """Write `build_report(...)` to `output` (UTF-8, parent folders created); returns the path."""
+    html = build_report(store, dataset, version, model_key, selection_id, config)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def selection_cut(values: Any, kept: Any, score_column: str, column: str) -> Cut | None:
+    """Where a selection cut `column`: midway between the kept and removed scores nearest each other.
+
+    Policies remove the highest `score_column` scores (the lowest for a leading `-`). The
+    cut exists only when the selection ranked by `column`, kept and removed some pairs, and
+    no kept score lies beyond a removed one; a policy such as `random` has no cut.
+    """
+    if score_column.removeprefix("-") != column:
+        return None
+    sign = -1.0 if score_column.startswith("-") else 1.0
+    values = sign * np.asarray(values, dtype=np.float64)
+    kept = np.asarray(kept, dtype=bool)
+    finite = np.isfinite(values)
+    kept_values, removed_values = values[finite & kept], values[finite & ~kept]
+    if not len(kept_values) or not len(removed_values) or kept_values.max() > removed_values.min():
+        return None
+    kept_edge, removed_edge = kept_values.max(), removed_values.min()
+    return Cut(column, float(sign * (kept_edge + removed_edge) / 2), float(sign * kept_edge), float(sign * removed_edge))
+
+
+# --- gathering ------------------------------------------------------------------------------------
+
+
+def _resolve(
+    store: Store, dataset: str, version: int | None, model_key: str | None, selection_id: int | None,
+) -> tuple[DatasetVersion, str | None, dict[str, Any] | None]:
+    """The dataset version, model and selection the report is about, with the defaults `build_report` documents."""
+    selection = _selection(store, selection_id) if selection_id is not None else None
+    if selection is not None and version is None and selection["dataset_name"] == dataset:
+        version = selection["dataset_version"]
+    dv = store.dataset_version(dataset, version)
+    if selection is not None and (selection["dataset_name"], selection["dataset_version"]) != (dv.name, dv.version):
+        raise ChesCurateError(
+            f"selection {selection_id} filtered dataset {selection['dataset_name']!r} v{selection['dataset_version']}, "
+            f"not {dv.name!r} v{dv.version}; pass --dataset {selection['dataset_name']} "
+            f"--version {selection['dataset_version']}"
+        )
+    model_key = _model_key(store, dv, model_key or (selection or {}).get("model_key"))
+    if selection is None and model_key is not None:
+        selection = _latest_selection(store, dv, model_key)
+    return dv, model_key, selection
+
+
+def _selection(store: Store, selection_id: int) -> dict[str, Any]:
+    frame = store.sql(
+        """SELECT selection_id, any_value(policy) AS policy, any_value(params) AS params,
+                  any_value(dataset_name) AS dataset_name, any_value(dataset_version) AS dataset_version,
+                  any_value(model_key) AS model_key, any_value(score_column) AS score_column,
+                  count(*) AS n_pairs, count(*) FILTER (WHERE kept) AS n_kept
+           FROM selections WHERE selection_id = ? GROUP BY selection_id""", params=[selection_id],
+    )
+    if frame.empty:
+        store.selection(selection_id)  # raises the store's "no selection N (known: ...)" error
+    return _records(frame)[0]
+
+
+def _latest_selection(store: Store, dv: DatasetVersion, model_key: str) -> dict[str, Any] | None:
+    latest = store.sql(
+        "SELECT max(selection_id) AS selection_id FROM selections WHERE dataset_name = ? AND dataset_version = ? "
+        "AND (model_key IS NULL OR model_key = ?)", params=[dv.name, dv.version, model_key],
+    ).selection_id.iloc[0]
+    return None if pd.isna(latest) else _selection(store, int(latest))
+
+
+def _model_key(store: Store, dv: DatasetVersion, requested: str | None) -> str | None:
+    """The requested model if it scored the version, else the only model that did (None if none did)."""
+    keys = store.sql(
+        "SELECT DISTINCT s.model_key FROM dataset_pairs dp JOIN scores s USING (pair_id) "
+        "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[dv.name, dv.version],
+    ).model_key.tolist()
+    if requested is not None and requested not in keys:
+        raise ChesCurateError(
+            f"dataset {dv.name!r} v{dv.version} has no scores from model {requested!r} "
+            f"(scored by: {', '.join(keys) or 'no model yet'})"
+        )
+    if requested is None and len(keys) > 1:
+        raise ChesCurateError(
+            f"dataset {dv.name!r} v{dv.version} was scored by several models; pick one with --model: {', '.join(keys)}"
+        )
+    return requested or (keys[0] if keys else None)
+
+
+def _scores(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None) -> pd.DataFrame:
+    """One row per dataset row with a score: the scores, and the selection's decision (`kept`, NULL if none)."""
+    return query(
+        """SELECT s.ches, s.ln_ches, s.edit_distance, sel.kept
+           FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ?
+           LEFT JOIN selections sel ON sel.selection_id = ? AND sel.pair_id = dp.pair_id
+           WHERE dp.name = ? AND dp.version = ? ORDER BY dp."row"
+        """,
+        [model_key, selection_id, dv.name, dv.version],
+    )
+
+
+def _score_stats(scores: pd.DataFrame) -> list[dict[str, Any]]:
+    stats = []
+    for column in SCORE_STATS_COLUMNS:
+        values = _floats(scores[column])
+        values = values[np.isfinite(values)]
+        if len(values):
+            p5, p50, p95 = np.percentile(values, [5, 50, 95])
+            stats.append({"column": column, "n": len(values), "mean": values.mean(), "min": values.min(),
+                          "p5": p5, "p50": p50, "p95": p95, "max": values.max()})
+    return stats
+
+
+def _score_plots(scores: pd.DataFrame, selection: dict | None) -> dict[str, Any]:
+    """The CHES and ln-CHES histograms (with the selection's cut) and the ln-CHES vs edit distance scatter."""
+    plots: dict[str, Any] = {"cuts": []}
+    if scores.empty:
+        return plots
+    # A pair the selection did not decide on (NULL) was not removed, so it counts as kept.
+    kept = None if selection is None else scores["kept"].fillna(True).to_numpy(dtype=bool)
+    for column, label in (("ches", "CHES"), ("ln_ches", "ln-CHES")):
+        values = _floats(scores[column])
+        if not np.isfinite(values).any():
+            continue
+        cut = selection_cut(values, kept, selection["score_column"] or "", column) if kept is not None else None
+        cut_label = f"cut of selection {selection['selection_id']} ({selection['policy']})" if cut else "cut"
+        plots[column] = report_plots.score_histogram(values, label, kept, cut and cut.value, cut_label)
+        if cut:
+            plots["cuts"].append(cut)
+    edit, ln_ches = _floats(scores["edit_distance"]), _floats(scores["ln_ches"])
+    if (np.isfinite(edit) & np.isfinite(ln_ches)).any():
+        plots["edit_distance"] = report_plots.ln_ches_vs_edit_distance(edit, ln_ches, kept)
+    return plots
+
+
+def _top_pairs(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None,
+               config: ReportConfig) -> list[dict[str, Any]]:
+    """The `top_pairs` distinct pairs with the highest CHES, each at its first row, with texts clipped."""
+    if model_key is None or config.top_pairs <= 0:
+        return []
+    pairs = _records(query(
+        """SELECT dp."row", s.pair_id, s.ches, s.ln_ches, s.edit_distance, s.chosen_tokens, s.rejected_tokens,
+                  s.truncated, p.prompt, p.prompt_messages, p.chosen, p.rejected, sel.kept
+           FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ?
+           JOIN pairs p ON p.pair_id = dp.pair_id
+           LEFT JOIN selections sel ON sel.selection_id = ? AND sel.pair_id = dp.pair_id
+           WHERE dp.name = ? AND dp.version = ? AND s.ches IS NOT NULL AND NOT isnan(s.ches)
+           QUALIFY row_number() OVER (PARTITION BY dp.pair_id ORDER BY dp."row") = 1
+           ORDER BY s.ches DESC, s.pair_id LIMIT ?""",
+        [model_key, selection_id, dv.name, dv.version, config.top_pairs],
+    ))
+    for pair in pairs:
+        messages = json.loads(pair.pop("prompt_messages") or "null")
+        pair["messages"] = [{"role": str(m.get("role", "")), **_clip(m.get("content", ""), config.text_chars)}
+                            for m in messages] if messages else None
+        pair["excerpt"] = _excerpt(pair["prompt"])
+        for field in ("prompt", "chosen", "rejected"):
+            pair[field] = _clip(pair[field], config.text_chars)
+    return pairs
+
+
+def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
+    """Kept and removed counts of every selection of this dataset version and model."""
+    return _records(query(
+        """SELECT selection_id, any_value(policy) AS policy, any_value(params) AS params,
+                  any_value(score_column) AS score_column, min(created_at) AS created_at, count(*) AS n_pairs,
+                  count(*) FILTER (WHERE kept) AS n_kept, count(*) FILTER (WHERE NOT kept) AS n_removed
+           FROM selections WHERE dataset_name = ? AND dataset_version = ? AND (model_key IS NULL OR model_key = ?)
+           GROUP BY selection_id ORDER BY selection_id""", [dv.name, dv.version, model_key],
+    ))
+
+
+def _quality(query: Query, dv: DatasetVersion, model_key: str | None) -> dict[str, Any]:
+    """Every quality run of the version, and the findings of the latest run of each suite, failures first."""
+    runs_of_version = ("FROM quality_runs WHERE dataset_name = ? AND dataset_version = ? "
+                       "AND (model_key IS NULL OR model_key = ?)")
+    params = [dv.name, dv.version, model_key]
+    runs = query(f"SELECT quality_run_id, suite, model_key, started_at, success, n_rows, failure_rate "
+                 f"{runs_of_version} ORDER BY quality_run_id", params)
+    findings = _records(query(
+        f"""WITH latest AS (SELECT suite, max(quality_run_id) AS quality_run_id {runs_of_version} GROUP BY suite)
+            SELECT latest.suite, r.quality_run_id, r.expectation, r.severity, r.success, r.unexpected_count,
+                   r.unexpected_pair_ids, r.details
+            FROM quality_results r JOIN latest USING (quality_run_id)
+            ORDER BY r.success NULLS FIRST, CASE r.severity WHEN 'error' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END,
+                     latest.suite, r.expectation""", params,
+    ))
+    for finding in findings:
+        ids = json.loads(finding["unexpected_pair_ids"] or "[]")
+        finding["sample_pair_ids"] = [str(i)[:12] for i in ids[:3]]
+        finding["details"] = _clip(finding["details"] or "", 300)["text"]
+    return {"runs": _records(runs), "findings": findings}
+
+
+def _quarantine(query: Query, dv: DatasetVersion) -> dict[str, Any]:
+    reasons = query(
+        "SELECT stage, reason, count(*) AS n FROM quarantine WHERE dataset_name = ? AND dataset_version = ? "
+        "GROUP BY stage, reason ORDER BY n DESC, stage, reason", [dv.name, dv.version],
+    )
+    return {"total": int(reasons.n.sum()) if not reasons.empty else 0, "reasons": _records(reasons.head(20))}
+
+
+def _ablation_rows(query: Query, dv: DatasetVersion, model_key: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The latest `ablations` row of each arm on this version, and its per-pair preferred log-prob changes
+    (`pair_likelihoods`) joined with the pairs' scores from `model_key`."""
+    latest = """SELECT * FROM ablations WHERE dataset_name = ? AND dataset_version = ?
+                QUALIFY row_number() OVER (PARTITION BY arm ORDER BY created_at DESC, ablation_id DESC) = 1"""
+    arms = query(f"{latest} ORDER BY ablation_id, created_at, arm", [dv.name, dv.version])
+    per_pair = query(
+        f"""WITH latest AS ({latest})
+            SELECT pl.arm, pl.pair_id, pl.preferred_logp_after - pl.preferred_logp_before AS preferred_logp_change,
+                   s.ches, s.ln_ches
+            FROM pair_likelihoods pl JOIN latest USING (ablation_id, arm)
+            JOIN scores s ON s.pair_id = pl.pair_id AND s.model_key = ?
+            ORDER BY pl.arm, pl.pair_id""", [dv.name, dv.version, model_key],
+    )
+    return arms, per_pair
+
+
+def _ablation(arms: pd.DataFrame, per_pair: pd.DataFrame) -> dict[str, Any]:
+    """The arms table and plots: log-prob change and refusal rate per arm, CHES vs preferred log-prob change."""
+    if arms.empty:
+        return {}
+    names = arms.arm.astype(str).tolist()
+    plots = {"logp_change": report_plots.grouped_bars(names, {
+        "preferred": _floats(arms.preferred_logp_change), "dispreferred": _floats(arms.dispreferred_logp_change),
+    }, "mean log-prob change")}
+    refusal = {"before": _floats(arms.refusal_rate_before), "after": _floats(arms.refusal_rate_after)}
+    if any(np.isfinite(values).any() for values in refusal.values()):
+        plots["refusal"] = report_plots.grouped_bars(names, refusal, "refusal rate")
+    if not per_pair.empty:
+        plots["per_pair"] = report_plots.score_vs_logp_change(
+            per_pair.arm.astype(str).tolist(), _floats(per_pair.ches), _floats(per_pair.ln_ches),
+            _floats(per_pair.preferred_logp_change),
+        )
+    return {"arms": _records(arms), "columns": ABLATION_COLUMNS, "plots": plots, "n_pair_likelihoods": len(per_pair)}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts of plain Python values, SQL NULL and NaN as None."""
+    return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _floats(series: pd.Series) -> np.ndarray:
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _clip(text: Any, limit: int) -> dict[str, Any]:
+    """`text` cut to `limit` characters, with how many were left out."""
+    text = "" if text is None else str(text)
+    return {"text": text[:limit], "omitted": max(len(text) - limit, 0)}
+
+
+def _excerpt(text: str) -> str:
+    """`text` on one line, cut to EXCERPT_CHARS with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= EXCERPT_CHARS else line[: EXCERPT_CHARS - 1] + "…"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """Numbers for people: integers with thousands separators, floats to `digits` significant digits."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(part: Any, whole: Any) -> str:
+    return f"{part / whole:.1%}" if part is not None and whole else "—"
+
+
+@functools.cache
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("ches_curate", "templates"), autoescape=True,
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt
+    env.globals["pct"] = _pct
+    return env.get_template("report.html.j2")

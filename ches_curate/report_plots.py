@@ -1,0 +1,124 @@
+"""The report's plots: matplotlib figures rendered to PNG `data:` URIs, so the HTML needs no other file.
+
+Figures are built with `matplotlib.figure.Figure` directly (the Agg canvas, no pyplot
+state), so plotting works headless and from several threads. Every function takes
+plain arrays and returns one URI; callers decide whether there is enough data to plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+KEPT_COLOR = "#4c72b0"
+REMOVED_COLOR = "#dd8452"
+CUT_COLOR = "#c44e52"
+ARM_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+BINS = 40
+DPI = 100
+
+
+def png_data_uri(fig: Figure) -> str:
+    """`fig` as a base64 PNG `data:` URI (no timestamp in the PNG, so equal figures give equal bytes)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _finite(*arrays: Sequence[float]) -> np.ndarray:
+    """A mask of the positions where every array is finite."""
+    mask = np.ones(len(arrays[0]), dtype=bool)
+    for values in arrays:
+        mask &= np.isfinite(np.asarray(values, dtype=np.float64))
+    return mask
+
+
+def score_histogram(values: Sequence[float], label: str, kept: Sequence[bool] | None = None,
+                    cut: float | None = None, cut_label: str = "cut") -> str:
+    """Histogram of one score; with `kept`, kept and removed pairs are stacked in two colours.
+
+    `cut` draws the selection's threshold as a vertical line labelled `cut_label`.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    mask = _finite(values)
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
+    bins = np.histogram_bin_edges(values[mask], bins=BINS)
+    if kept is None:
+        ax.hist(values[mask], bins=bins, histtype="stepfilled", color=KEPT_COLOR, label="scored pairs")
+    else:
+        kept = np.asarray(kept, dtype=bool)
+        ax.hist([values[mask & kept], values[mask & ~kept]], bins=bins, stacked=True, histtype="stepfilled",
+                color=[KEPT_COLOR, REMOVED_COLOR], label=["kept", "removed"])
+    if cut is not None:
+        ax.axvline(cut, color=CUT_COLOR, linestyle="--", linewidth=1.5, label=cut_label)
+    ax.set_xlabel(label)
+    ax.set_ylabel("pairs")
+    ax.legend(loc="upper right", fontsize="small")
+    return png_data_uri(fig)
+
+
+def ln_ches_vs_edit_distance(edit_distance: Sequence[float], ln_ches: Sequence[float],
+                             kept: Sequence[bool] | None = None) -> str:
+    """Scatter of ln-CHES against the normalized edit distance of chosen vs rejected."""
+    x = np.asarray(edit_distance, dtype=np.float64)
+    y = np.asarray(ln_ches, dtype=np.float64)
+    mask = _finite(x, y)
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    if kept is None:
+        ax.scatter(x[mask], y[mask], s=8, alpha=0.6, color=KEPT_COLOR, label="scored pairs")
+    else:
+        kept = np.asarray(kept, dtype=bool)
+        for group, color, name in ((kept, KEPT_COLOR, "kept"), (~kept, REMOVED_COLOR, "removed")):
+            ax.scatter(x[mask & group], y[mask & group], s=8, alpha=0.6, color=color, label=name)
+    ax.set_xlabel("edit distance (chosen vs rejected)")
+    ax.set_ylabel("ln-CHES")
+    ax.legend(loc="best", fontsize="small")
+    return png_data_uri(fig)
+
+
+def grouped_bars(arms: Sequence[str], series: dict[str, Sequence[float]], ylabel: str) -> str:
+    """One group of bars per arm, one bar per named series (NaN bars are left out), with a zero line."""
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
+    positions = np.arange(len(arms))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        values = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(values)
+        offsets = positions - 0.4 + width * (i + 0.5)
+        ax.bar(offsets[finite], values[finite], width, label=name, color=ARM_COLORS[i % len(ARM_COLORS)])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(positions, [str(a) for a in arms], rotation=20 if len(arms) > 4 else 0)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize="small")
+    return png_data_uri(fig)
+
+
+def score_vs_logp_change(arms: Sequence[str], ches: Sequence[float], ln_ches: Sequence[float],
+                         preferred_logp_change: Sequence[float]) -> str:
+    """Per-pair CHES and ln-CHES (x, two panels) against the preferred response's log-prob change (y), by arm.
+
+    Razin et al. find the preferred log-probability falls most for the pairs with the highest CHES.
+    """
+    arms = np.asarray(arms, dtype=object)
+    change = np.asarray(preferred_logp_change, dtype=np.float64)
+    fig = Figure(figsize=(9.6, 3.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, values, label in ((axes[0], ches, "CHES"), (axes[1], ln_ches, "ln-CHES")):
+        values = np.asarray(values, dtype=np.float64)
+        mask = _finite(values, change)
+        for i, arm in enumerate(dict.fromkeys(arms)):
+            group = mask & (arms == arm)
+            ax.scatter(values[group], change[group], s=10, alpha=0.7, color=ARM_COLORS[i % len(ARM_COLORS)],
+                       label=str(arm))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("preferred log-prob change")
+    axes[1].legend(loc="best", fontsize="small")
+    return png_data_uri(fig)

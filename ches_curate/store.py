@@ -1,0 +1,412 @@
+"""The DuckDB store: the system of record for datasets, scores, selections and results.
+
+One file (default `./ches_curate.duckdb`, or `$CHES_CURATE_DB`). Every method opens a
+short-lived connection, writes one small transaction, commits and closes, so readers
+in other processes wait at most one batch. DuckDB lets one process hold the file for
+writing and blocks every other process meanwhile (readers too): `connect` retries for
+a bounded time, then raises `StoreLockedError` naming the holder's PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from ches_curate import connections, migrations
+from ches_curate.errors import ChesCurateError
+from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
+
+DEFAULT_DB = "ches_curate.duckdb"
+INSERT_BATCH = 10_000
+PAGE_SIZE = 5_000
+SCORE_VALUES = SCORE_COLUMNS[2:]
+QUARANTINE_FIELDS = (
+    "dataset_name", "dataset_version", "stage", "source", "line", "field", "reason", "expectation", "pair_id", "raw",
+)
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    name: str
+    version: int
+    n_pairs: int
+    n_quarantined: int
+    created: bool = False
+    content_hash: str = ""
+    source: str | None = None
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("CHES_CURATE_DB") or DEFAULT_DB)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _pair_from_record(rec: dict) -> PreferencePair:
+    """A `pairs` row (plus its `row`) back into the pair it was stored from."""
+    prompt = json.loads(rec["prompt_messages"]) if rec["prompt_messages"] else rec["prompt"]
+    metadata = json.loads(rec["metadata"]) if rec["metadata"] else {}
+    return PreferencePair(prompt, rec["chosen"], rec["rejected"], int(rec["row"]), rec["format"], metadata)
+
+
+def _pairs_table(pairs: list[PreferencePair]) -> pa.Table:
+    """Pairs as `pairs` rows: chat prompts as readable text plus their message list as JSON."""
+    return pa.table({
+        "pair_id": [p.pair_id for p in pairs], "prompt": [p.prompt_text for p in pairs],
+        "prompt_messages": [None if isinstance(p.prompt, str) else _json(p.prompt) for p in pairs],
+        "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs],
+        "format": [p.format for p in pairs], "metadata": [_json(p.metadata) if p.metadata else None for p in pairs],
+    })
+
+
+class Store:
+    """A DuckDB file with the ches_curate schema; migrated to the latest version on open.
+
+    `create=False` refuses a path that does not exist (for read-only commands, where a
+    typo should not create an empty store). `lock_timeout_s` bounds the wait for a
+    lock held by another process (default 5 s, or `$CHES_CURATE_LOCK_TIMEOUT`).
+    """
+
+    def __init__(self, path: str | Path | None = None, *, create: bool = True, lock_timeout_s: float | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self.lock_timeout_s = connections.lock_timeout() if lock_timeout_s is None else lock_timeout_s
+        if not self.path.exists() and not create:
+            raise ChesCurateError(f"no store at {self.path} (create one with `ches-curate ingest FILE --dataset NAME`, "
+                                  "or pass --db)")
+        migrations.ensure_latest(self.path, self.connect)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits up to `lock_timeout_s` for another process's lock."""
+        with connections.connect(self.path, read_only, self.lock_timeout_s) as con:
+            yield con
+
+    @contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction: all of it is committed, or (on any error, or a kill) none of it."""
+        with self.connect() as con:
+            con.begin()
+            try:
+                yield con
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+
+    def schema_version(self) -> int:
+        with self.connect(read_only=True) as con:
+            return migrations.current_version(con)
+
+
+    def register_dataset(
+        self, name: str, source: str | None, items: Iterable[PreferencePair | Any]
+    ) -> DatasetVersion:
+        """Store a dataset read from `source`; a new version only if its content changed.
+
+        `items` are `PreferencePair`s and ingest's `RejectedRow`s (quarantined with stage
+        `ingest`). The content hash is sha256 over `row, pair_id` of each pair and
+        `line, field, reason, raw` of each rejected row, in input order: the same file
+        ingested twice is one version. Pair texts are written in batches of 10k
+        (deduplicated by `pair_id`); the version itself appears in one transaction.
+        """
+        digest = hashlib.sha256()
+        dataset_pairs, rejected = self._store_pairs(items, digest)
+        content_hash = digest.hexdigest()
+        with self._transaction() as con:
+            latest = con.execute(
+                "SELECT version, content_hash, n_pairs, n_quarantined, source FROM datasets WHERE name = ? "
+                "ORDER BY version DESC LIMIT 1", [name]
+            ).fetchall()
+            latest = latest[0] if latest else None
+            if latest and latest[1] == content_hash:
+                return DatasetVersion(name, latest[0], latest[2], latest[3], False, content_hash, latest[4])
+            version = latest[0] + 1 if latest else 1
+            con.execute(
+                "INSERT INTO datasets (name, version, source, content_hash, n_pairs, n_quarantined) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [name, version, source, content_hash, dataset_pairs.num_rows, len(rejected)]
+            )
+            con.register("new_links", dataset_pairs)
+            con.execute('INSERT INTO dataset_pairs SELECT ?, ?, "row", pair_id FROM new_links', [name, version])
+            self._append_quarantine(con, [dict(r, dataset_name=name, dataset_version=version) for r in rejected])
+        return DatasetVersion(name, version, dataset_pairs.num_rows, len(rejected), True, content_hash, source)
+
+    def _store_pairs(self, items: Iterable[PreferencePair | Any], digest) -> tuple[pa.Table, list[dict]]:
+        """Write the pairs batch by batch; return the version's (row, pair_id) links and its rejected rows."""
+        links: list[pa.RecordBatch] = [pa.RecordBatch.from_pydict(
+            {"row": pa.array([], pa.int64()), "pair_id": pa.array([], pa.string())})]
+        rejected: list[dict] = []
+        batch: list[PreferencePair] = []
+        for item in items:
+            if not isinstance(item, PreferencePair):
+                raw = item.raw if isinstance(item.raw, str) else _json(item.raw)
+                digest.update(f"rejected\t{item.line}\t{item.field}\t{item.reason}\t{raw}\n".encode())
+                rejected.append({"stage": "ingest", "source": item.source, "line": item.line, "field": item.field,
+                                 "reason": item.reason, "raw": raw})
+                continue
+            batch.append(item)
+            if len(batch) >= INSERT_BATCH:
+                links.append(self._insert_pairs(batch, digest))
+                batch = []
+        if batch:
+            links.append(self._insert_pairs(batch, digest))
+        return pa.Table.from_batches(links), rejected
+
+    def _insert_pairs(self, batch: list[PreferencePair], digest) -> pa.RecordBatch:
+        table = _pairs_table(batch)
+        rows = [p.row for p in batch]
+        for row, pair_id in zip(rows, table["pair_id"].to_pylist()):
+            digest.update(f"{row}\t{pair_id}\n".encode())
+        with self._transaction() as con:
+            con.register("new_pairs", table)
+            con.execute(
+                "INSERT OR IGNORE INTO pairs SELECT * FROM new_pairs n "
+                "WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.pair_id = n.pair_id)"
+            )
+        return pa.RecordBatch.from_pydict({"row": pa.array(rows, pa.int64()), "pair_id": table["pair_id"].combine_chunks()})
+
+    def datasets(self) -> pd.DataFrame:
+        """Every dataset version with its counts and the models that scored it."""
+        return self.sql(
+            """SELECT d.name, d.version, d.n_pairs, d.n_quarantined, d.source, d.created_at, d.content_hash,
+                      (SELECT count(DISTINCT s.model_key) FROM dataset_pairs dp JOIN scores s USING (pair_id)
+                       WHERE dp.name = d.name AND dp.version = d.version) AS n_models
+               FROM datasets d ORDER BY d.name, d.version"""
+        )
+
+    def latest_version(self, name: str) -> DatasetVersion:
+        return self.dataset_version(name)
+
+    def dataset_version(self, name: str, version: int | None = None) -> DatasetVersion:
+        """The given (default: latest) version of dataset `name`; a clear error when unknown."""
+        with self.connect(read_only=True) as con:
+            rows = con.execute(
+                "SELECT version, n_pairs, n_quarantined, content_hash, source FROM datasets WHERE name = ? "
+                "ORDER BY version", [name]
+            ).fetchall()
+            known = [r[0] for r in con.execute("SELECT DISTINCT name FROM datasets ORDER BY name").fetchall()]
+        if not rows:
+            raise ChesCurateError(f"unknown dataset {name!r} in {self.path} (known: {', '.join(known) or 'none yet'}); "
+                                  f"add it with `ches-curate ingest FILE --dataset {name}`")
+        chosen = rows[-1] if version is None else next((r for r in rows if r[0] == version), None)
+        if chosen is None:
+            raise ChesCurateError(f"dataset {name!r} has no version {version} "
+                                  f"(versions: {', '.join(str(r[0]) for r in rows)})")
+        return DatasetVersion(name, chosen[0], chosen[1], chosen[2], False, chosen[3], chosen[4])
+
+    def dataset_pairs(
+        self, name: str, version: int | None = None, *, selection_id: int | None = None, distinct: bool = False
+    ) -> Iterator[PreferencePair]:
+        """The pairs of a dataset version in row order, read page by page (no lock held between pages).
+
+        `selection_id` keeps only the pairs that selection kept; `distinct` yields each
+        `pair_id` once (at its first row) when the dataset repeats a pair.
+        """
+        dv = self.dataset_version(name, version)
+        kept = "AND EXISTS (SELECT 1 FROM selections sel WHERE sel.selection_id = ? AND sel.pair_id = dp.pair_id AND sel.kept)"
+        filters = [(kept, [selection_id])] if selection_id is not None else []
+        return self._pages(dv, filters, distinct)
+
+    def unscored_pairs(self, name: str, version: int, model_key: str) -> Iterator[PreferencePair]:
+        """Pairs of the version with no score for `model_key`, in row order, each `pair_id` once.
+
+        Paged by row with a fresh read-only connection per page, so the caller may write
+        scores between pages; a pair scored meanwhile is simply not offered again.
+        """
+        dv = self.dataset_version(name, version)
+        unscored = "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.pair_id = dp.pair_id AND s.model_key = ?)"
+        return self._pages(dv, [(unscored, [model_key])], distinct=True)
+
+    def _pages(self, dv: DatasetVersion, filters: list[tuple[str, list]], distinct: bool) -> Iterator[PreferencePair]:
+        conditions = " ".join(sql for sql, _ in filters)
+        # The page is cut from the narrow dataset_pairs first, so only its pairs' texts are read.
+        query = (
+            'WITH page AS (SELECT dp."row", dp.pair_id FROM dataset_pairs dp WHERE dp.name = ? AND dp.version = ? '
+            f'AND dp."row" > ? {conditions} ORDER BY dp."row" LIMIT ?) '
+            'SELECT page."row", p.* FROM page JOIN pairs p USING (pair_id) ORDER BY page."row"'
+        )
+        with self.connect(read_only=True) as con:
+            repeated = {r[0] for r in con.execute(
+                "SELECT pair_id FROM dataset_pairs WHERE name = ? AND version = ? GROUP BY pair_id HAVING count(*) > 1",
+                [dv.name, dv.version]).fetchall()} if distinct else set()
+        seen: set[str] = set()
+        last_row = -1
+        while True:
+            params = [dv.name, dv.version, last_row, *(v for _, values in filters for v in values), PAGE_SIZE]
+            with self.connect(read_only=True) as con:
+                result = con.execute(query, params)
+                names = [d[0] for d in result.description]
+                page = [dict(zip(names, values)) for values in result.fetchall()]
+            for rec in page:
+                if rec["pair_id"] in repeated:
+                    if rec["pair_id"] in seen:
+                        continue
+                    seen.add(rec["pair_id"])
+                yield _pair_from_record(rec)
+            if len(page) < PAGE_SIZE:
+                return
+            last_row = page[-1]["row"]
+
+
+    def register_model(self, key: str, info: dict[str, Any]) -> None:
+        with self._transaction() as con:
+            con.execute("INSERT OR IGNORE INTO models (model_key, name, revision, file_hash, dtype) VALUES (?, ?, ?, ?, ?)",
+                        [key, info.get("name"), info.get("revision"), info.get("file_hash"), info.get("dtype")])
+
+    def count_scored(self, name: str, version: int, model_key: str) -> int:
+        """How many distinct pairs of the version already have a score for `model_key`."""
+        with self.connect(read_only=True) as con:
+            return con.execute(
+                "SELECT count(DISTINCT dp.pair_id) FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id "
+                "WHERE dp.name = ? AND dp.version = ? AND s.model_key = ?", [name, version, model_key]
+            ).fetchall()[0][0]
+
+    def start_score_run(
+        self, dataset_name: str, dataset_version: int, model_key: str, params: dict[str, Any] | None = None,
+        zenml_run_id: str | None = None, n_skipped: int = 0,
+    ) -> int:
+        with self._transaction() as con:
+            return con.execute(
+                "INSERT INTO score_runs (dataset_name, dataset_version, model_key, params, status, n_skipped, "
+                "zenml_run_id) VALUES (?, ?, ?, ?, 'running', ?, ?) RETURNING run_id",
+                [dataset_name, dataset_version, model_key, _json(params), n_skipped, zenml_run_id],
+            ).fetchall()[0][0]
+
+    def write_scores(self, run_id: int, model_key: str, frame: pd.DataFrame) -> int:
+        """Commit one batch of scores (columns SCORE_COLUMNS) in one transaction; returns rows added.
+
+        Idempotent: a pair that already has a score for `model_key` keeps it (primary key
+        (pair_id, model_key) plus an anti-join), so a retried batch never duplicates.
+        """
+        columns = ", ".join(SCORE_VALUES)
+        batch = frame.loc[:, ["pair_id", *SCORE_VALUES]]
+        with self._transaction() as con:
+            con.register("batch", batch)
+            added = con.execute(
+                f"INSERT OR IGNORE INTO scores (pair_id, model_key, {columns}, run_id) "
+                f"SELECT DISTINCT ON (pair_id) pair_id, ?, {columns}, ? FROM batch b WHERE NOT EXISTS "
+                "(SELECT 1 FROM scores s WHERE s.pair_id = b.pair_id AND s.model_key = ?)",
+                [model_key, run_id, model_key],
+            ).fetchall()[0][0]
+            con.execute("UPDATE score_runs SET n_scored = n_scored + ? WHERE run_id = ?", [added, run_id])
+        return added
+
+    def finish_score_run(self, run_id: int, status: str, **counts: int) -> None:
+        """Close a run with `status` (`finished`, `failed`, `interrupted`); counts: n_skipped, n_failed."""
+        unknown = set(counts) - {"n_skipped", "n_failed", "n_scored"}
+        if unknown:
+            raise ValueError(f"unknown score_runs counts: {sorted(unknown)}")
+        sets = "".join(f", {name} = ?" for name in counts)
+        with self._transaction() as con:
+            con.execute(
+                f"UPDATE score_runs SET status = ?, finished_at = {migrations.NOW_UTC}{sets} WHERE run_id = ?",
+                [status, *counts.values(), run_id],
+            )
+
+    def scores(self, name: str, version: int | None = None, model_key: str | None = None) -> pd.DataFrame:
+        """Scores of a dataset version joined with its pairs, in row order.
+
+        Columns: SCORE_COLUMNS, then `prompt` (a string, or the message list of a
+        conversational prompt), `chosen`, `rejected`, `format`, `metadata` (dict).
+        Without `model_key`, the one model that scored the version is used.
+        """
+        dv = self.dataset_version(name, version)
+        model_key = model_key or self._only_model(dv)
+        score_cols = ", ".join(f"s.{c}" for c in SCORE_VALUES)
+        with self.connect(read_only=True) as con:
+            frame = con.execute(
+                f'SELECT dp."row", dp.pair_id, {score_cols}, p.prompt, p.prompt_messages, p.chosen, p.rejected, '
+                "p.format, p.metadata FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ? "
+                'JOIN pairs p ON p.pair_id = dp.pair_id WHERE dp.name = ? AND dp.version = ? ORDER BY dp."row"',
+                [model_key, dv.name, dv.version],
+            ).df()
+        frame["prompt"] = [json.loads(m) if isinstance(m, str) else p for p, m in zip(frame.prompt, frame.prompt_messages)]
+        frame["metadata"] = [json.loads(m) if isinstance(m, str) else {} for m in frame.metadata]
+        return frame.drop(columns="prompt_messages")
+
+    def _only_model(self, dv: DatasetVersion) -> str:
+        keys = self.sql(
+            "SELECT DISTINCT s.model_key FROM dataset_pairs dp JOIN scores s USING (pair_id) "
+            "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[dv.name, dv.version],
+        ).model_key.tolist()
+        if len(keys) == 1:
+            return keys[0]
+        if not keys:
+            raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} has no scores yet; "
+                                  f"run `ches-curate score --dataset {dv.name}`")
+        raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} was scored by several models; pick one of: "
+                              + ", ".join(keys))
+
+
+    def save_selection(
+        self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
+        frame: pd.DataFrame, score_column: str | None,
+    ) -> int:
+        """Record one filter decision per pair (`frame`: pair_id, kept, rank); returns the new selection_id."""
+        decisions = frame.loc[:, ["pair_id", "kept", "rank"]].drop_duplicates("pair_id")
+        with self._transaction() as con:
+            selection_id = con.execute("SELECT nextval('selection_id_seq')").fetchall()[0][0]
+            con.register("decisions", decisions)
+            con.execute(
+                "INSERT INTO selections (selection_id, policy, params, dataset_name, dataset_version, model_key, "
+                "pair_id, kept, rank, score_column) SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ? FROM decisions",
+                [selection_id, policy, _json(params), name, version, model_key, score_column],
+            )
+        return int(selection_id)
+
+    def selection(self, selection_id: int) -> pd.DataFrame:
+        frame = self.sql("SELECT * FROM selections WHERE selection_id = ? ORDER BY rank, pair_id", params=[selection_id])
+        if frame.empty:
+            known = self.sql("SELECT DISTINCT selection_id FROM selections ORDER BY 1").selection_id.tolist()
+            raise ChesCurateError(f"no selection {selection_id} in {self.path} (known: "
+                                  f"{', '.join(map(str, known)) or 'none yet; run `ches-curate filter`'})")
+        return frame
+
+    def add_quarantine(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Quarantine rows (dicts with keys from QUARANTINE_FIELDS; `stage` and `reason` required)."""
+        rows = list(rows)
+        with self._transaction() as con:
+            self._append_quarantine(con, rows)
+        return len(rows)
+
+    @staticmethod
+    def _append_quarantine(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        unknown = set().union(*rows) - set(QUARANTINE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown quarantine fields: {sorted(unknown)}")
+        table = pa.Table.from_pylist(
+            [{f: r.get(f) for f in QUARANTINE_FIELDS} for r in rows],
+            schema=pa.schema([(f, pa.int64() if f in ("dataset_version", "line") else pa.string())
+                              for f in QUARANTINE_FIELDS]),
+        )
+        con.register("new_quarantine", table)
+        columns = ", ".join(QUARANTINE_FIELDS)
+        con.execute(f"INSERT INTO quarantine ({columns}) SELECT {columns} FROM new_quarantine")
+
+    def sql(self, query: str, write: bool = False, params: list | None = None) -> pd.DataFrame:
+        """Run SQL (read-only unless `write`); DuckDB errors become one `ChesCurateError` with DuckDB's message."""
+        with self.connect(read_only=not write) as con:
+            try:
+                result = con.execute(query, params)
+                return result.df() if result.description else pd.DataFrame()
+            except duckdb.Error as err:
+                message = str(err)
+                if not write and "read-only mode" in message:
+                    message = f"{message.splitlines()[0]} (the store is opened read-only; add --write to modify it)"
+                raise ChesCurateError(message) from err

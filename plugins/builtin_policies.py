@@ -1,0 +1,129 @@
+"""The built-in filter policies: top-k, percentile, length-normalized, threshold and random.
+
+Registered through the `register_filter_policies` hook and declared as the
+`builtin_policies` entry point in pyproject, exactly as a third-party plugin would be.
+Each ranks pairs by `score_column` (highest first; ties by pair_id) and removes from the
+top, except `random`, the ablation control.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ches_curate.hookspecs import hookimpl
+from ches_curate.policies import (
+    Policy,
+    PolicyParams,
+    SelectionResult,
+    canonical_order,
+    count_from_fraction,
+    remove_highest,
+    score_values,
+)
+
+
+class TopK(Policy):
+    name = "top-k"
+    description = "Remove the k highest-scoring pairs (all of them when k exceeds the number of pairs)."
+
+    class Params(PolicyParams):
+        k: int = Field(..., ge=0, description="Number of highest-scoring pairs to remove.")
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        return remove_highest(scores, params.score_column, params.k)
+
+
+class Percentile(Policy):
+    name = "percentile"
+    description = (
+        "Remove pairs scoring strictly above the p-th percentile, computed by linear interpolation "
+        "between sorted scores (numpy's default): p=100 removes none, p=0 keeps only the minimum."
+    )
+
+    class Params(PolicyParams):
+        p: float = Field(..., ge=0, le=100, description="Percentile in [0, 100]; pairs scoring above it are removed.")
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        values = score_values(scores, params.score_column)
+        if len(values) == 0:
+            return SelectionResult.from_kept(scores, [], params.score_column)
+        cut = np.percentile(values, params.p, method="linear")
+        return SelectionResult.from_kept(scores, values <= cut, params.score_column)
+
+
+class LengthNormalized(Policy):
+    name = "length-normalized"
+    description = (
+        "Keep the n (or the fraction) lowest-ranked pairs by ln-CHES and remove the rest; "
+        "Razin et al. kept the 5% lowest ln-CHES of a refusal set."
+    )
+
+    class Params(PolicyParams):
+        score_column: str = Field("ln_ches", description="Score to rank by (default ln_ches, the length-normalized CHES).")
+        n: int | None = Field(None, ge=0, description="Number of lowest-scoring pairs to keep (instead of fraction).")
+        fraction: float | None = Field(
+            0.05, ge=0, le=1, description="Fraction of pairs to keep, lowest scores first (rounded to nearest)."
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _n_replaces_fraction(cls, data: Any) -> Any:
+            if isinstance(data, dict) and data.get("n") is not None:
+                if data.get("fraction") is not None:
+                    raise ValueError("give n or fraction, not both")
+                return {**data, "fraction": None}
+            return data
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        keep = params.n if params.n is not None else count_from_fraction(params.fraction, len(scores))
+        return remove_highest(scores, params.score_column, len(scores) - keep)
+
+
+class Threshold(Policy):
+    name = "threshold"
+    description = "Remove pairs whose score is strictly greater than value."
+
+    class Params(PolicyParams):
+        value: float = Field(..., allow_inf_nan=False, description="Pairs scoring above this value are removed.")
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        kept = score_values(scores, params.score_column) <= params.value
+        return SelectionResult.from_kept(scores, kept, params.score_column)
+
+
+class Random(Policy):
+    name = "random"
+    description = (
+        "Remove n pairs (or a fraction) uniformly at random with a seed: the ablation control. "
+        "To match another selection, pass its removed count as n."
+    )
+
+    class Params(PolicyParams):
+        n: int | None = Field(None, ge=0, description="Number of pairs to remove.")
+        fraction: float | None = Field(None, ge=0, le=1, description="Fraction of pairs to remove (rounded to nearest).")
+        seed: int = Field(0, description="Random seed; the same seed and pairs give the same selection.")
+
+        @model_validator(mode="after")
+        def _n_or_fraction(self):
+            if (self.n is None) == (self.fraction is None):
+                raise ValueError("give exactly one of n (pairs to remove) or fraction")
+            return self
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        n_remove = params.n if params.n is not None else count_from_fraction(params.fraction, len(scores))
+        # Shuffle a canonical (pair_id) order, not the row order, so the draw does not depend on how rows are sorted.
+        canonical = canonical_order(scores)
+        removed = canonical[np.random.default_rng(params.seed).permutation(len(scores))[:n_remove]]
+        kept = np.ones(len(scores), dtype=bool)
+        kept[removed] = False
+        return SelectionResult.from_kept(scores, kept, params.score_column)
+
+
+@hookimpl
+def register_filter_policies(register):
+    for policy in (TopK(), Percentile(), LengthNormalized(), Threshold(), Random()):
+        register(policy)

@@ -1,0 +1,356 @@
+"""The HTML curation report: contents computed from the store, escaping, self-containment, empty sections, CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from ches_curate.commands import report as report_command
+from ches_curate.errors import ChesCurateError
+from ches_curate.ingest import RejectedRow
+from ches_curate.pairs import PreferencePair
+from ches_curate.policies import apply_policy
+from ches_curate.report import ReportConfig, build_report, selection_cut
+from ches_curate.store import Store
+
+MODEL = "tiny_llama@sha256:0123abcd/float32"
+N_PAIRS = 48
+SCRIPT = "<script>alert(1)</script>"
+SCRIPT_ROW = 7
+CHAT_ROW = 10
+LONG_ROW = 3
+LONG_CHARS = 6000
+
+
+def make_pairs() -> list[PreferencePair]:
+    """Pairs with hostile text: a script tag, an onerror image in a chat turn, markup that closes <details>."""
+    pairs = []
+    for i in range(N_PAIRS):
+        prompt: str | list = f'question {i} & "quotes"'
+        if i == SCRIPT_ROW:
+            prompt = f"Tell me {SCRIPT} now"
+        elif i == CHAT_ROW:
+            prompt = [{"role": "user", "content": "hi <img src=x onerror=alert(2)>"}]
+        chosen = "x" * LONG_CHARS if i == LONG_ROW else f"good answer {i}"
+        pairs.append(PreferencePair(prompt, chosen, f"bad answer {i} </details><b>bold</b>", row=i,
+                                    format="conversational" if i == CHAT_ROW else "prompt_chosen_rejected"))
+    return pairs
+
+
+def fake_scores(pairs: list[PreferencePair]) -> pd.DataFrame:
+    """Synthetic scores: CHES rises with the row but the script and chat rows score highest."""
+    rng = np.random.default_rng(0)
+    ches = np.arange(len(pairs), dtype=np.float64) + rng.uniform(0, 0.5, len(pairs))
+    ches[SCRIPT_ROW], ches[CHAT_ROW] = 100.0, 90.0
+    chosen_tokens = rng.integers(5, 40, len(pairs))
+    rejected_tokens = rng.integers(5, 40, len(pairs))
+    return pd.DataFrame({
+        "row": [p.row for p in pairs], "pair_id": [p.pair_id for p in pairs], "ches": ches,
+        "ln_ches": ches / np.sqrt(chosen_tokens * rejected_tokens), "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens, "last_hidden_ip": rng.normal(0, 1, len(pairs)),
+        "edit_distance": rng.uniform(0, 1, len(pairs)), "truncated": False,
+    })
+
+
+@dataclass
+class Populated:
+    store: Store
+    scores: pd.DataFrame
+    percentile_id: int
+    random_id: int
+    kept: dict[int, np.ndarray]
+
+
+def populated_store(path: Path) -> Populated:
+    """A store with one scored dataset, two selections, a quality run, quarantine and three ablation arms."""
+    store = Store(path)
+    pairs = make_pairs()
+    rejected = RejectedRow("demo.jsonl", 49, "rejected", "field 'rejected' is empty <b>", "{}")
+    store.register_dataset("demo", "demo.jsonl", [*pairs, rejected])
+    store.register_model(MODEL, {"name": "tiny_llama", "dtype": "float32"})
+    run_id = store.start_score_run("demo", 1, MODEL)
+    store.write_scores(run_id, MODEL, fake_scores(pairs))
+    store.finish_score_run(run_id, "finished")
+    scores = store.scores("demo", 1, MODEL)
+    ids, kept = {}, {}
+    for name, params in (("percentile", {"p": 75}), ("random", {"n": 12, "seed": 1})):
+        result = apply_policy(scores, name, params)
+        ids[name] = store.save_selection(name, result.params, "demo", 1, MODEL, result.frame, result.score_column)
+        kept[ids[name]] = result.frame["kept"].to_numpy()
+    _add_quality(store)
+    _add_ablations(store, scores, ids, kept)
+    return Populated(store, scores, ids["percentile"], ids["random"], kept)
+
+
+def _add_quality(store: Store) -> None:
+    run_id = store.sql(
+        "INSERT INTO quality_runs (suite, dataset_name, dataset_version, success, n_rows, failure_rate) "
+        "VALUES ('pairs', 'demo', 1, false, 48, 0.0625) RETURNING quality_run_id", write=True,
+    ).quality_run_id.iloc[0]
+    store.sql(
+        "INSERT INTO quality_results VALUES (?, 'prompt_not_empty', 'error', true, 0, '[]', NULL), "
+        "(?, 'chosen_differs_from_rejected', 'error', false, 3, ?, ?)",
+        write=True, params=[int(run_id), int(run_id), json.dumps(["aaaaaaaaaaaaaaaa1", "b2", "c3"]),
+                            json.dumps({"note": "<i>dup</i>"})],
+    )
+
+
+ARMS = {  # arm: (preferred, dispreferred, refusal before, refusal after)
+    "full": (-2.5, -4.0, 0.2, 0.1), "percentile": (-0.75, -3.0, 0.2, 0.3), "random": (-2.25, -3.5, 0.2, 0.15),
+}
+
+
+def _add_ablations(store: Store, scores: pd.DataFrame, ids: dict[str, int], kept: dict[int, np.ndarray]) -> None:
+    insert = ("INSERT INTO ablations (ablation_id, arm, policy, selection_id, dataset_name, dataset_version, model_key, "
+              "n_train_pairs, preferred_logp_change, dispreferred_logp_change, refusal_rate_before, refusal_rate_after, "
+              "created_at) VALUES (?, ?, ?, ?, 'demo', 1, ?, ?, ?, ?, ?, ?, ?)")
+    # An older run of the `full` arm: the report must show only the latest row of each arm.
+    store.sql(insert, write=True, params=[1, "full", None, None, MODEL, 48, 99.0, 99.0, 0.9, 0.9, "2020-01-01"])
+    for arm, (preferred, dispreferred, before, after) in ARMS.items():
+        selection_id = ids.get(arm)
+        train = np.ones(len(scores), bool) if selection_id is None else kept[selection_id]
+        store.sql(insert, write=True, params=[2, arm, None if arm == "full" else arm, selection_id, MODEL,
+                                              int(train.sum()), preferred, dispreferred, before, after, "2025-06-01"])
+        likelihoods = pd.DataFrame({
+            "pair_id": scores.pair_id[train], "before": -20.0, "after": -20.0 - 0.05 * scores.ches[train],
+        })
+        with store.connect() as con:
+            con.register("lk", likelihoods)
+            con.execute("INSERT INTO pair_likelihoods SELECT 2, ?, pair_id, before, after, before, after - 1 FROM lk",
+                        [arm])
+
+
+class Page(HTMLParser):
+    """Every tag's attributes, the text of each <section>, and its tables' rows of cell texts."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.attrs: list[tuple[str, str, str]] = []
+        self.text: dict[str, str] = {}
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.summaries: list[str] = []
+        self._section, self._row, self._cell, self._summary = "", None, None, None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.attrs += [(tag, name, value or "") for name, value in attrs]
+        attrs = dict(attrs)
+        if tag == "section":
+            self._section = attrs["id"]
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "tr":
+            self._row = []
+            self.tables.setdefault(self._section, []).append(self._row)
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "summary":
+            self._summary = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append(" ".join(self._cell.split()))
+            self._cell = None
+        elif tag == "summary":
+            self.summaries.append(" ".join(self._summary.split()))
+            self._summary = None
+
+    def handle_data(self, data):
+        self.text[self._section] = self.text.get(self._section, "") + data
+        if self._cell is not None:
+            self._cell += data
+        if self._summary is not None:
+            self._summary += data
+
+    def rows(self, section: str) -> list[list[str]]:
+        return [row for row in self.tables.get(section, []) if row and row[0] not in ("#", "id", "arm", "run", "suite", "stage")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Populated:
+    return populated_store(tmp_path_factory.mktemp("report") / "store.duckdb")
+
+
+@pytest.fixture(scope="module")
+def demo_html(demo) -> str:
+    return build_report(demo.store, "demo", selection_id=demo.percentile_id, config=ReportConfig(top_pairs=5))
+
+
+def test_user_text_is_html_escaped(demo_html):
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in demo_html
+    assert "<script" not in demo_html.lower()
+    assert "hi &lt;img src=x onerror=alert(2)&gt;" in demo_html
+    assert "&lt;/details&gt;&lt;b&gt;bold&lt;/b&gt;" in demo_html
+    assert "field &#39;rejected&#39; is empty &lt;b&gt;" in demo_html
+    page = Page(demo_html)
+    assert not [a for a in page.attrs if a[1].lower().startswith("on")], "no event-handler attribute may appear"
+
+
+def test_report_is_self_contained(demo_html):
+    page = Page(demo_html)
+    urls = [(tag, name, value) for tag, name, value in page.attrs if name in ("src", "href", "action", "data")]
+    assert all(not re.match(r"\s*(https?:)?//", value) for _, _, value in urls), urls
+    assert all(value.startswith("#") for tag, name, value in urls if name == "href")
+    assert "http://" not in demo_html and "https://" not in demo_html
+    assert "default-src 'none'; img-src data:" in demo_html
+    # CHES, ln-CHES, ln-CHES vs edit distance, log-prob change, refusal rate, per-pair CHES vs log-prob change.
+    assert len(page.images) == 6
+    for src in page.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+        assert image.format == "PNG" and image.width > 300 and image.height > 150
+
+
+def test_cut_line_is_the_boundary_between_kept_and_removed_scores(demo, demo_html):
+    ches = demo.scores.ches.to_numpy()
+    removed = ches > np.percentile(ches, 75)
+    expected = (ches[~removed].max() + ches[removed].min()) / 2
+    cut = selection_cut(ches, demo.kept[demo.percentile_id], "ches", "ches")
+    assert cut.value == pytest.approx(expected)
+    assert (cut.kept_edge, cut.removed_edge) == (ches[~removed].max(), ches[removed].min())
+    text = " ".join(Page(demo_html).text["scores"].split())
+    assert f"Cut on ches at {expected:.4g}: the nearest kept score is {ches[~removed].max():.4g}" in text
+    assert "Cut on ln_ches" not in text  # the percentile selection ranked by ches only
+
+
+@pytest.mark.parametrize(
+    ("values", "kept", "score_column", "expected"),
+    [
+        ([1, 2, 3, 4], [True, True, False, False], "ches", (2.5, 2, 3)),
+        ([1, 2, 3, 4], [False, False, True, True], "-ches", (2.5, 3, 2)),  # a negated score removes the lowest
+        ([1, 3, 3, 4], [True, True, False, False], "ches", (3, 3, 3)),  # a tie split by rank
+        ([1, 2, 3, 4], [True, False, True, False], "ches", None),  # overlapping: no threshold (random policy)
+        ([1, 2, 3, 4], [True, True, True, True], "ches", None),  # nothing removed
+        ([1, 2, 3, 4], [True, True, False, False], "ln_ches", None),  # ranked by another score
+        ([1, np.nan, 3, 4], [True, True, False, False], "ches", (2, 1, 3)),  # NaN scores are ignored
+    ],
+)
+def test_selection_cut_on_hand_made_scores(values, kept, score_column, expected):
+    cut = selection_cut(values, kept, score_column, "ches")
+    assert (None if cut is None else (cut.value, cut.kept_edge, cut.removed_edge)) == expected
+
+
+def test_highest_ches_pairs_are_listed_in_order_with_clipped_text(demo):
+    html = build_report(demo.store, "demo", selection_id=demo.percentile_id,
+                        config=ReportConfig(top_pairs=len(demo.scores), text_chars=1000))
+    page = Page(html)
+    rows = page.rows("top-pairs")
+    expected = demo.scores.sort_values("ches", ascending=False)
+    assert [row[1] for row in rows] == [f"{v:.4g}" for v in expected.ches]
+    assert [int(row[5]) for row in rows] == expected.row.tolist()
+    assert rows[0][4] == f"{expected.chosen_tokens.iloc[0]} / {expected.rejected_tokens.iloc[0]}"
+    assert [rows[0][6], rows[-1][6]] == ["removed", "kept"]
+    assert page.summaries[:2] == [f"Tell me {SCRIPT} now", "user: hi <img src=x onerror=alert(2)>"]
+    assert f"{LONG_CHARS - 1000:,} more characters" in html
+    assert "x" * 1000 in html and "x" * 1001 not in html
+
+
+def test_selection_table_counts_every_selection(demo, demo_html):
+    rows = Page(demo_html).rows("selections")
+    assert [row[0] for row in rows] == [str(demo.percentile_id), str(demo.random_id)]
+    for row, selection_id in zip(rows, (demo.percentile_id, demo.random_id)):
+        n_kept = int(demo.kept[selection_id].sum())
+        assert row[4:7] == [str(n_kept), str(N_PAIRS - n_kept), f"{(N_PAIRS - n_kept) / N_PAIRS:.1%}"]
+    assert rows[0][1:3] == ["percentile", json.dumps({"p": 75.0, "score_column": "ches"}, sort_keys=True)]
+
+
+def test_quality_findings_list_failures_first_and_quarantine(demo_html):
+    page = Page(demo_html)
+    findings = [row for row in page.rows("quality") if len(row) == 7]
+    assert [row[1] for row in findings] == ["chosen_differs_from_rejected", "prompt_not_empty"]
+    assert findings[0][3:6] == ["failed", "3", "aaaaaaaaaaaa, b2, c3"]
+    assert '{"note": "<i>dup</i>"}' in findings[0][6]
+    assert ["ingest", "field 'rejected' is empty <b>", "1"] in page.rows("quality")
+    assert "Quarantined rows: 1." in page.text["quality"]
+
+
+def test_ablation_section_shows_latest_row_per_arm(demo, demo_html):
+    rows = {row[0]: row for row in Page(demo_html).rows("ablations")}
+    assert set(rows) == set(ARMS)
+    for arm, (preferred, dispreferred, before, after) in ARMS.items():
+        row = rows[arm]
+        assert row[4:6] == [f"{preferred:.4g}", f"{dispreferred:.4g}"]
+        assert row[9:11] == [f"{before:.4g}", f"{after:.4g}"]
+    assert rows["percentile"][2] == str(demo.percentile_id)
+    n_likelihoods = N_PAIRS + sum(int(k.sum()) for k in demo.kept.values())
+    assert f"Per pair ({n_likelihoods} points)" in " ".join(Page(demo_html).text["ablations"].split())
+
+
+def test_sections_without_data_say_so(tmp_path):
+    store = Store(tmp_path / "empty.duckdb")
+    store.register_dataset("bare", "bare.jsonl", make_pairs()[:3])
+    page = Page(build_report(store, "bare"))
+    assert page.images == []
+    assert "No scores for this dataset version yet" in page.text["scores"]
+    assert "No scored pairs to show" in page.text["top-pairs"]
+    assert "No selections for this dataset version" in page.text["selections"]
+    assert "No quality runs" in page.text["quality"] and "Nothing quarantined" in page.text["quality"]
+    assert "No ablations for this dataset version yet" in page.text["ablations"]
+
+
+def copy_of(store: Store, tmp_path: Path) -> Store:
+    """A copy of the module's store, for a test that adds to it."""
+    path = tmp_path / "copy.duckdb"
+    shutil.copyfile(store.path, path)
+    return Store(path)
+
+
+def test_defaults_follow_the_selection_then_the_latest_version(demo, tmp_path):
+    store = copy_of(demo.store, tmp_path)
+    store.register_dataset("demo", "demo_v2.jsonl", make_pairs()[:20])
+    by_selection = Page(build_report(store, "demo", selection_id=demo.random_id))
+    assert "demo v1" in by_selection.text["overview"]
+    assert f"#{demo.random_id} random" in " ".join(by_selection.text["overview"].split())
+    latest = Page(build_report(store, "demo", config=ReportConfig(top_pairs=0)))
+    assert "demo v2" in latest.text["overview"] and "No selections" in latest.text["selections"]
+    assert ["scored rows", "20"] in latest.tables["overview"]
+
+
+def test_bad_requests_name_the_fix(demo, tmp_path):
+    with pytest.raises(ChesCurateError, match=r"no scores from model 'nope' \(scored by: tiny_llama@"):
+        build_report(demo.store, "demo", model_key="nope")
+    with pytest.raises(ChesCurateError, match=r"no selection 999"):
+        build_report(demo.store, "demo", selection_id=999)
+    with pytest.raises(ChesCurateError, match=r"unknown dataset 'other'"):
+        build_report(demo.store, "other")
+    store = copy_of(demo.store, tmp_path)
+    store.register_dataset("other", "o.jsonl", make_pairs()[:2])
+    with pytest.raises(ChesCurateError, match=rf"selection {demo.random_id} filtered dataset 'demo' v1, not 'other' v1"):
+        build_report(store, "other", selection_id=demo.random_id)
+    store.register_model("second-model", {})
+    run_id = store.start_score_run("demo", 1, "second-model")
+    store.write_scores(run_id, "second-model", fake_scores(make_pairs()))
+    with pytest.raises(ChesCurateError, match=r"scored by several models; pick one with --model: second-model, tiny"):
+        build_report(store, "demo")
+
+
+def test_cli_writes_the_report(demo, tmp_path):
+    app = typer.Typer()
+    report_command.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `report` a named subcommand
+    output = tmp_path / "out" / "report.html"
+    result = CliRunner().invoke(app, ["report", "--dataset", "demo", "--selection", str(demo.percentile_id),
+                                      "--top", "3", "--output", str(output), "--db", str(demo.store.path)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "report.html" in result.output
+    assert len(Page(output.read_text(encoding="utf-8")).summaries) == 3
+    missing = CliRunner().invoke(app, ["report", "--dataset", "demo", "--output", str(output),
+                                       "--db", str(tmp_path / "typo.duckdb")])
+    assert isinstance(missing.exception, ChesCurateError) and "no store at" in str(missing.exception)
+    assert not (tmp_path / "typo.duckdb").exists()
+
