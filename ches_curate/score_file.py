@@ -73,7 +73,7 @@ def score_file(
     partial = output.with_name(f".{output.name}.partial")
     table.to_parquet(partial, index=False)
     os.replace(partial, output)
-    rejected_path = _write_rejected(output, rejected, scorer.failures)
+    rejected_path = write_rejected(output, rejected, scorer.failures)
     return ScoreFileSummary(
         output=output,
         model_key=scorer.key,
@@ -85,7 +85,7 @@ def score_file(
     )
 
 
-def _write_rejected(output: Path, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:
+def write_rejected(output: Path, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:
     path = output.with_name(output.name.removesuffix(".parquet") + ".rejected.jsonl")
     if not rejected and not failures:
         if path.exists():

@@ -53,14 +53,27 @@ def register(app: typer.Typer) -> None:
         on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it and go on."),
         share_prompt: bool = typer.Option(True, "--share-prompt/--no-share-prompt", help="Reuse the prompt's KV cache for both responses."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
+        shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Score in N shards by pair_id hash (part files, then merge); under torchrun N defaults to WORLD_SIZE."),
+        rank: Optional[list[int]] = typer.Option(None, "--rank", help="With --shards: score only this shard (repeatable), e.g. one whose process crashed."),
+        work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="With --shards: folder for the part files (default OUT.shards/ beside --output)."),
     ) -> None:
         """Compute CHES, ln-CHES and the paper's baselines for every pair.
 
         File mode writes one row per input pair: row, pair_id, ches, ln_ches, chosen_tokens,
         rejected_tokens, last_hidden_ip, edit_distance, truncated. Dataset mode scores only the
         pairs of a stored dataset that have no score for this model yet, committing every batch.
+        With --shards (or under torchrun) each shard is scored into its own part file and the
+        parts are merged into the same table; a crashed shard is re-run alone with --rank.
         """
         config = scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt, trust_remote_code)
+        from ches_curate.distributed import launch_from_env
+
+        if shards is not None or rank or launch_from_env() is not None:
+            from ches_curate.commands.sharded_score import ShardedJob, run_sharded
+
+            job = ShardedJob(input, output, dataset, version, db, model, format, config, shards, rank or [], work_dir)
+            run_sharded(job)
+            return
         if dataset is not None:
             _score_dataset(dataset, version, db, model, config)
             return
