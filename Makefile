@@ -18,14 +18,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The curation pipeline (ZenML, local store) on 120 real hh-rlhf pairs with the default model.
 demo: venv
-	$(VENV)/bin/ches-curate demo
+	ZENML_ANALYTICS_OPT_IN=false GX_ANALYTICS_ENABLED=false $(VENV)/bin/ches-curate run curation --config pipelines/configs/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) bench/ches_throughput.py
+	$(PY) bench/percentile_query.py
+	$(PY) bench/ingest_memory.py
 
 clean:
 	rm -rf $(VENV) ches_curate.duckdb

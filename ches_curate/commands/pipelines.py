@@ -1,0 +1,187 @@
+"""`ches-curate run` and `ches-curate schedule`: run the ZenML pipelines, or schedule one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ches_curate.errors import ChesCurateError
+from ches_curate.pipeline_config import PipelineConfig
+
+console = Console(soft_wrap=True)
+
+PIPELINE_HELP = "curation, ablation or refresh."
+CONFIG_HELP = "Pipeline config YAML (see pipelines/configs/dev.yaml)."
+DB_HELP = "DuckDB store file; overrides the config's `store`."
+DEFAULT_CONFIG = Path("pipelines/configs/dev.yaml")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("schedule")(schedule)
+
+
+def load_config(config: Path, db: Path | None, pipeline: str) -> PipelineConfig:
+    """The validated config, `--db` applied, paths made absolute, settings checked before ZenML starts."""
+    from ches_curate.curation import check_config
+
+    loaded = PipelineConfig.from_file(config).with_store(db).resolved()
+    check_config(loaded, pipeline)
+    return loaded
+
+
+def run(
+    pipeline: str = typer.Argument(..., help=PIPELINE_HELP),
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+) -> None:
+    """Run a ZenML pipeline: curation (ingest → validate → score → validate → filter → export),
+    ablation (DPO on curated vs full vs random arms) or refresh (only what changed)."""
+    from pipelines import PIPELINES, run_pipeline
+
+    if pipeline not in PIPELINES:
+        raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    loaded = load_config(config, db, pipeline)
+    result = run_pipeline(pipeline, loaded)
+    if result is None or str(result.status.value) != "completed":
+        status = "submitted" if result is None else str(result.status.value)
+        where = "" if result is None else f" as run {result.name} ({result.id})"
+        console.print(f"{pipeline} pipeline {status}{escape(where)}; follow it with `zenml pipeline runs list`",
+                      highlight=False)
+        return
+    if pipeline == "ablation":
+        show_ablation(result)
+    else:
+        show_curation(result)
+
+
+def show_curation(run_response: Any) -> None:
+    """What a curation or refresh run did, and where to look next."""
+    from pipelines.curation import curation_outcome
+
+    outcome = curation_outcome(run_response)
+    version, scored, selection = outcome["dataset_version"], outcome["score_run"], outcome["selection"]
+    console.print(f"[bold]{escape(outcome['run_name'])}[/] {outcome['status']} (ZenML run id {outcome['run_id']}, "
+                  f"model ches_curate version {outcome['model_version']})", highlight=False)
+    state = "new version" if version["created"] else "unchanged"
+    console.print(f"dataset [bold]{escape(version['name'])}[/] v{version['version']} ({state}): "
+                  f"{version['n_pairs']:,} pairs, {version['n_quarantined']:,} quarantined at ingest", highlight=False)
+    console.print(f"scored {scored['n_scored']:,} new pairs ({scored['n_skipped']:,} already scored, "
+                  f"{scored['n_failed']:,} failed) with {escape(scored['model_key'])} in {scored['wall_time_s']:.1f} s; "
+                  f"ches p50 {scored.get('ches_p50', float('nan')):.4g}, p95 {scored.get('ches_p95', float('nan')):.4g}",
+                  highlight=False)
+    console.print(f"selection {selection['selection_id']}: {escape(selection['policy'])} "
+                  f"{escape(json.dumps(selection['policy_params']))} kept {selection['n_kept']:,} of "
+                  f"{selection['n_selected_from']:,} ({selection['kept_fraction']:.1%}), "
+                  f"{selection['n_excluded_quarantined']:,} quarantined pairs left out", highlight=False)
+    if "diff_unchanged" in selection:
+        changes = ", ".join(f"{selection[f'diff_{c}']:,} {c.replace('_', ' ')}"
+                            for c in ("added", "removed", "now_kept", "now_removed"))
+        console.print(f"changes since selection {selection['previous_selection_id']}: {changes}, "
+                      f"{selection['diff_unchanged']:,} unchanged", highlight=False)
+    console.print(f"curated pairs: [bold]{escape(outcome['curated_path'])}[/]", highlight=False)
+    where_to_look(outcome["store"], selection["selection_id"], outcome["run_id"])
+
+
+def where_to_look(store: str, selection_id: int, run_id: str) -> None:
+    db = f"--db {store}"
+    console.print("\n[bold]where to look[/]")
+    console.print(f"  DuckDB store: {escape(store)}", highlight=False)
+    for query in ("SELECT * FROM score_summary", "SELECT stage, reason FROM quarantine",
+                  f"SELECT kept, count(*) FROM selections WHERE selection_id = {selection_id} GROUP BY kept",
+                  "SELECT run_id, n_scored, n_skipped, zenml_run_id FROM score_runs"):
+        console.print(f"  ches-curate sql \"{escape(query)}\" {escape(db)}", highlight=False)
+    console.print(f"  zenml pipeline runs list; the run: {run_id} (dashboard: `zenml login --local`)", highlight=False)
+
+
+def show_ablation(run_response: Any) -> None:
+    """The `ablations` rows the run wrote."""
+    from pipelines.ablation import ablation_outcome
+
+    outcome = ablation_outcome(run_response)
+    console.print(f"[bold]{escape(outcome['run_name'])}[/] {outcome['status']} (ZenML run id {outcome['run_id']})",
+                  highlight=False)
+    rows = outcome["ablations"]
+    table = Table(title="ablations")
+    columns = ("ablation_id", "arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction",
+               "refusal_rate_before", "refusal_rate_after")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+    console.print(f"in the store: ches-curate sql \"SELECT * FROM ablations\" --db {escape(outcome['store'])}",
+                  highlight=False)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def schedule(
+    cron: str = typer.Option(..., "--cron", help="Five-field cron expression, e.g. \"0 3 * * *\" (daily at 03:00)."),
+    pipeline: str = typer.Option("refresh", "--pipeline", help=PIPELINE_HELP),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help=CONFIG_HELP),
+    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+    local: bool = typer.Option(False, "--local", help="On a local orchestrator: install a crontab entry instead."),
+    systemd: bool = typer.Option(False, "--systemd", help="On a local orchestrator: print a systemd timer instead."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be scheduled or installed; change nothing."),
+) -> None:
+    """Run a pipeline on a cron schedule: a ZenML Schedule when the active orchestrator supports schedules
+    (Kubernetes, Kubeflow, Vertex, SageMaker, AzureML, Airflow, Databricks), else cron or systemd."""
+    from ches_curate import schedule as sched
+    from pipelines import PIPELINES, active_orchestrator
+
+    if pipeline not in PIPELINES:
+        raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    cron = sched.validate_cron(cron)
+    loaded = load_config(config, db, pipeline)
+    stack, flavor, declared = active_orchestrator()
+    if sched.supports_schedules(flavor, declared):
+        _zenml_schedule(pipeline, loaded, cron, stack, flavor, dry_run)
+        return
+    console.print(f"The active stack '{escape(stack)}' uses the '{escape(flavor)}' orchestrator, which cannot run "
+                  "schedules; the machine's scheduler can run the same pipeline instead.", highlight=False)
+    command = sched.ches_curate_command(pipeline, config, db)
+    workdir = Path.cwd()
+    if systemd:
+        units = sched.systemd_units(cron, command, workdir, pipeline)
+        for name, text in units.items():
+            console.print(f"\n[bold]{name}[/]\n{escape(text)}", highlight=False)
+        console.print("install with:\n  " + "\n  ".join(sched.systemd_install_commands(units)), highlight=False)
+        return
+    log = sched.log_path(pipeline)
+    line = sched.crontab_line(cron, command, workdir, log, pipeline)
+    if dry_run or not local:
+        verb = "would install" if dry_run else "run again with --local to install (or --systemd for a timer)"
+        console.print(f"{verb} this crontab entry:\n{escape(line)}", highlight=False, soft_wrap=True)
+        if not dry_run:
+            raise typer.Exit(1)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    change = sched.install_crontab_line(line, pipeline)
+    replaced = f" (replacing {change.replaced} earlier entry)" if change.replaced else ""
+    console.print(f"installed this crontab entry{replaced}:\n{escape(line)}", highlight=False, soft_wrap=True)
+    console.print(f"output goes to {escape(str(log))}", highlight=False)
+
+
+def _zenml_schedule(pipeline: str, config: PipelineConfig, cron: str, stack: str, flavor: str, dry_run: bool) -> None:
+    name = f"ches-curate-{pipeline}"
+    if dry_run:
+        console.print(f"would attach ZenML Schedule(name={name!r}, cron_expression={cron!r}) to the {pipeline} "
+                      f"pipeline on stack '{escape(stack)}' ({escape(flavor)} orchestrator)", highlight=False)
+        return
+    from zenml.config.schedule import Schedule
+
+    from pipelines import run_pipeline
+
+    run_pipeline(pipeline, config, schedule=Schedule(name=name, cron_expression=cron))
+    console.print(f"scheduled the {pipeline} pipeline as {name!r} ({cron}) on stack '{escape(stack)}' "
+                  f"({escape(flavor)} orchestrator); list schedules with `zenml pipeline schedule list`",
+                  highlight=False)

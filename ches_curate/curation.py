@@ -1,0 +1,254 @@
+"""The curation stages as library calls, shared by the ZenML pipelines, the CLI and the Python API.
+
+ingest (bad rows quarantined) → validate (quality suites) → score (incremental, in
+`ches_curate.incremental`) → select (a policy over the pairs that passed quality) →
+export; and the ablation built from a pipeline config. Each function takes the `Store`
+and returns plain, JSON-ready results; the pipelines in `pipelines/` only wrap them in
+steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ches_curate.errors import ChesCurateError
+from ches_curate.export import ExportSummary, export_dataset
+from ches_curate.ingest import read_pairs
+from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
+from ches_curate.pipeline_config import (
+    AblationSpec, DatasetSpec, EvaluateSpec, PipelineConfig, PolicySpec, ScoringSpec,
+)
+from ches_curate.policies import apply_policy, get_policy, validate_params
+from ches_curate.score_file import summarize_scores
+from ches_curate.store import DatasetVersion, Store
+
+EXCLUDED_STAGES = ("quality", "scoring")
+"""Quarantine stages whose pairs never reach a policy: they failed an `error` expectation or could not be scored."""
+KEEPS_PAIR = ("unique_pair",)
+"""Quality expectations whose quarantined rows are repeats of a pair that stays (its first row)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A recorded selection (`selections` rows under `selection_id`) and its counts."""
+
+    selection_id: int
+    dataset_name: str
+    dataset_version: int
+    model_key: str
+    policy: str
+    params: dict[str, Any]
+    n_pairs: int
+    """Distinct pairs the policy saw (scored, not quarantined)."""
+    n_kept: int
+    n_excluded: int
+    """Scored pairs left out before the policy because they are quarantined."""
+    frame: pd.DataFrame
+    """pair_id, kept, rank: the policy's decision."""
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.n_kept / self.n_pairs if self.n_pairs else 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        """The counts as JSON-ready run metadata."""
+        return {"selection_id": self.selection_id, "policy": self.policy, "policy_params": self.params,
+                "n_selected_from": self.n_pairs, "n_kept": self.n_kept, "n_removed": self.n_pairs - self.n_kept,
+                "n_excluded_quarantined": self.n_excluded, "kept_fraction": self.kept_fraction}
+
+
+def check_config(config: PipelineConfig, pipeline: str = "curation") -> None:
+    """Fail before any work when a policy in `config` is unknown or has bad parameters, or (for the ablation
+    pipeline) when the training or generation settings name unknown fields."""
+    for policy in [config.policy, *config.ablation.policies]:
+        validate_params(get_policy(policy.name).obj, policy.params)
+    if pipeline == "ablation":
+        train_config(config.ablation)
+        eval_config(config.ablation.evaluate)
+
+
+def ingest_source(store: Store, spec: DatasetSpec) -> DatasetVersion:
+    """Read `spec.source` (the first `spec.limit` rows), quarantining bad rows; a new version only if it changed."""
+    items = read_pairs(spec.source, format=spec.format, on_error="quarantine")
+    return store.register_dataset(spec.name, spec.source, islice(items, spec.limit))
+
+
+def validate(store: Store, name: str, version: int, suite: str, quality: str | None = None,
+             model_key: str | None = None, *, skip_if_passed: bool = False) -> dict[str, Any]:
+    """Run one quality suite (`pairs` or `scores`) on a stored version: results recorded, error rows quarantined.
+
+    Raises `QualityFailedError` when too many rows fail; returns `quality_metadata` of the report.
+    `skip_if_passed` (refresh) skips a suite that already passed on this version and model, so
+    unchanged content is checked once, while a new version, or one whose check failed, is checked.
+    """
+    from ches_curate.quality import run_quality
+    from ches_curate.quality_config import QualityConfig
+
+    if skip_if_passed:
+        passed = store.sql(
+            "SELECT max(quality_run_id) AS quality_run_id FROM quality_runs WHERE suite = ? AND dataset_name = ? "
+            "AND dataset_version = ? AND model_key IS NOT DISTINCT FROM ? AND success",
+            params=[suite, name, version, model_key],
+        ).quality_run_id.iloc[0]
+        if pd.notna(passed):
+            return {"skipped": f"suite {suite!r} already passed on {name} v{version} (quality run {int(passed)})"}
+    config = QualityConfig.from_file(quality) if quality else None
+    return quality_metadata(run_quality(store, name, version, model_key, suites=suite, config=config))
+
+
+def quality_metadata(report: Any) -> dict[str, Any]:
+    """A quality report as JSON-ready metadata: per suite, success, rows, failure rate, quarantined, failures."""
+    summary: dict[str, Any] = {"success": report.success, "notes": list(report.notes)}
+    for suite in report.suites:
+        failed = [r for r in suite.results if not r.success]
+        summary[suite.suite] = {
+            "success": suite.success, "n_rows": suite.n_rows, "failure_rate": suite.failure_rate,
+            "n_quarantined": len(suite.quarantine), "quality_run_id": suite.quality_run_id,
+            "failed_errors": {r.name: r.unexpected_count for r in failed if r.severity == "error"},
+            "failed_warnings": {r.name: r.unexpected_count for r in failed if r.severity == "warn"},
+        }
+    return summary
+
+
+def score_table(store: Store, name: str, version: int, model_key: str) -> pd.DataFrame:
+    """The scores of a dataset version for `model_key`: SCORE_COLUMNS only, in row order (no texts)."""
+    return store.scores(name, version, model_key).loc[:, list(SCORE_COLUMNS)].reset_index(drop=True)
+
+
+def score_metadata(summary: Any, scores: pd.DataFrame) -> dict[str, Any]:
+    """A score run's counts and the version's ches / ln_ches mean and percentiles (p5, p50, p95), flat."""
+    metadata = {k: v for k, v in dataclasses.asdict(summary).items() if k != "status"}
+    metadata["score_run_status"] = summary.status
+    stats = summarize_scores(scores)
+    metadata["n_scores"] = stats["count"]
+    for column in ("ches", "ln_ches"):
+        for stat, value in stats.get(column, {}).items():
+            metadata[f"{column}_{stat}"] = value
+    return metadata
+
+
+def quarantined_pair_ids(store: Store, name: str, version: int) -> set[str]:
+    """Pairs of the version quarantined by quality checks or scoring failures (repeats of a kept pair aside)."""
+    stages = ", ".join(f"'{s}'" for s in EXCLUDED_STAGES)
+    keeps = ", ".join(f"'{e}'" for e in KEEPS_PAIR)
+    found = store.sql(
+        f"SELECT DISTINCT pair_id FROM quarantine WHERE dataset_name = ? AND dataset_version = ? "
+        f"AND pair_id IS NOT NULL AND stage IN ({stages}) AND coalesce(expectation, '') NOT IN ({keeps})",
+        params=[name, version],
+    )
+    return set(found.pair_id) if len(found) else set()
+
+
+def select(store: Store, name: str, version: int, model_key: str, policy: PolicySpec) -> Selection:
+    """Apply `policy` to the version's scored, non-quarantined pairs and record it in `selections`.
+
+    Quarantined pairs get no `selections` row, so a selection's kept pairs (what
+    `export` writes) passed quality and the policy.
+    """
+    scores = store.scores(name, version, model_key).drop_duplicates("pair_id")
+    if scores.empty:
+        raise ChesCurateError(f"dataset {name!r} v{version} has no scores for model {model_key!r}; score it first")
+    excluded = scores.pair_id.isin(quarantined_pair_ids(store, name, version))
+    scores = scores[~excluded].reset_index(drop=True)
+    result = apply_policy(scores, policy.name, policy.params)
+    selection_id = store.save_selection(result.policy, result.params, name, version, model_key, result.frame,
+                                        result.score_column)
+    return Selection(selection_id, name, version, model_key, result.policy, result.params, len(scores),
+                     result.n_kept, int(excluded.sum()), result.frame)
+
+
+def load_selection(store: Store, selection_id: int) -> Selection:
+    """A recorded selection with its counts, as `select` returned it."""
+    rows = store.selection(selection_id)
+    first = rows.iloc[0]
+    name, version, model_key = first.dataset_name, int(first.dataset_version), first.model_key
+    quarantined = quarantined_pair_ids(store, name, version)
+    n_excluded = int(store.sql(
+        "SELECT count(DISTINCT dp.pair_id) AS n FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id "
+        "AND s.model_key = ? WHERE dp.name = ? AND dp.version = ? AND list_contains(?, dp.pair_id)",
+        params=[model_key, name, version, sorted(quarantined)],
+    ).n.iloc[0])
+    params = json.loads(first.params) if isinstance(first.params, str) else dict(first.params or {})
+    return Selection(selection_id, name, version, model_key, first.policy, params, len(rows),
+                     int(rows.kept.astype(bool).sum()), n_excluded, rows.loc[:, ["pair_id", "kept", "rank"]])
+
+
+def export_path(template: str, name: str, version: int, selection_id: int) -> Path:
+    """`template` with {dataset}, {version} and {selection_id} filled in."""
+    try:
+        return Path(template.format(dataset=name, version=version, selection_id=selection_id))
+    except (KeyError, IndexError) as err:
+        raise ChesCurateError(f"export path {template!r}: unknown placeholder {err}; use {{dataset}}, {{version}}, "
+                              "{selection_id}") from err
+
+
+def export_selection(store: Store, selection_id: int, template: str) -> tuple[ExportSummary, pd.DataFrame]:
+    """Write the kept pairs of a selection to the file `template` names; return the summary and the records."""
+    first = store.selection(selection_id).iloc[0]
+    path = export_path(template, first.dataset_name, int(first.dataset_version), selection_id)
+    summary = export_dataset(store, path, selection_id=selection_id)
+    frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_json(path, lines=True)
+    return summary, frame
+
+
+def train_config(spec: AblationSpec) -> Any:
+    """The `TrainConfig` of every ablation arm, checkpoints under `spec.output_dir`."""
+    from ches_curate.train import TrainConfig
+
+    if "output_dir" in spec.train:
+        raise ChesCurateError("ablation.train.output_dir: set ablation.output_dir instead")
+    return _dataclass(TrainConfig, {**spec.train, "output_dir": spec.output_dir}, "ablation.train")
+
+
+def eval_config(spec: EvaluateSpec) -> Any:
+    from ches_curate.evaluate import EvalConfig
+
+    return _dataclass(EvalConfig, spec.generation, "ablation.evaluate.generation")
+
+
+def _dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ChesCurateError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    return cls(**values)
+
+
+def eval_prompts(spec: EvaluateSpec) -> list[str]:
+    """The first `n_prompts` distinct first human turns of `spec.source` (none without a source)."""
+    from ches_curate.evaluate import harmful_prompts
+
+    if spec.source is None:
+        return []
+    pairs = (item for item in read_pairs(spec.source, format=spec.format, on_error="quarantine")
+             if isinstance(item, PreferencePair))
+    return harmful_prompts(pairs, spec.n_prompts)
+
+
+def ablate(store: Store, name: str, version: int, scoring: ScoringSpec, policies: list[PolicySpec],
+           spec: AblationSpec) -> pd.DataFrame:
+    """Train DPO arms from the scoring model (full set, each policy's selection, size-matched random controls),
+    write one `ablations` row per arm and return the rows (`ches_curate.ablation.run_ablation`)."""
+    from ches_curate.ablation import run_ablation
+    from ches_curate.models import load_model
+
+    loaded = load_model(scoring.model, scoring.device, scoring.dtype)
+    return run_ablation(store, name, loaded, [(p.name, p.params) for p in policies], train_config(spec),
+                        eval_prompts(spec.evaluate), spec.seeds, version=version,
+                        eval_config=eval_config(spec.evaluate))
+
+
+def ablation_metadata(rows: pd.DataFrame) -> dict[str, Any]:
+    """An ablation's rows as JSON-ready metadata: its id and, per arm, the headline metrics."""
+    metrics = ("n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
+               "refusal_rate_before", "refusal_rate_after", "train_loss", "reward_accuracy")
+    arms = {row["arm"]: {m: (None if pd.isna(row[m]) else float(row[m])) for m in metrics}
+            for row in rows.to_dict("records")}
+    return {"ablation_id": int(rows.ablation_id.iloc[0]) if len(rows) else None, "arms": arms}

@@ -1,0 +1,172 @@
+"""The configuration of the curation, ablation and refresh pipelines: one YAML file, validated here.
+
+A file holds what the pipelines do (the store, the source, the scoring model, the
+policy, the ablation arms) and, under `zenml:`, a ZenML run configuration passed
+through unchanged (`settings`, `steps`, `enable_cache`, ...), e.g. a GPU for the
+scoring step:
+
+    store: ches_curate.duckdb
+    dataset: {name: hh_harmless, source: data/hh.jsonl}
+    scoring: {model: default, batch_size: 8}
+    policy: {name: percentile, params: {p: 90}}
+    zenml:
+      steps:
+        score_pairs: {settings: {resources: {gpu_count: 1}}}
+
+Plain data with no ZenML import, so that the CLI can reject a bad file in
+milliseconds, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ches_curate.errors import ChesCurateError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Section):
+    """Where the pairs come from. Bad rows are always quarantined (with a reason), never dropped."""
+
+    name: str = Field(description="Dataset name in the store; each changed content becomes a new version.")
+    source: str = Field(description="File (JSONL, CSV, Parquet), saved HF dataset directory or hub id.")
+    format: Literal["auto", "prompt_chosen_rejected", "conversational", "hh_rlhf"] = Field(
+        "auto", description="Input format (auto: detected from the first row)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read only the first N input rows (a quick demo).")
+
+
+class ScoringSpec(_Section):
+    """The model whose hidden states CHES is computed from, and how to run it."""
+
+    model: str = Field("default", description="Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M).")
+    batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
+    max_length: int | None = Field(None, ge=2, description="Cap on prompt + response tokens.")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description="Weights dtype.")
+
+    def scoring_config(self) -> Any:
+        """The engine's `ScoringConfig`; a pair that cannot be scored is quarantined, not fatal, in a pipeline."""
+        from ches_curate.scoring import ScoringConfig
+
+        return ScoringConfig(batch_size=self.batch_size, max_length=self.max_length, device=self.device,
+                             dtype=self.dtype, on_error="quarantine")
+
+
+class PolicySpec(_Section):
+    """A filter policy by name (`ches-curate policies` lists them) and its parameters."""
+
+    name: str = Field(description="Registered policy name, e.g. percentile, top-k, length-normalized.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The policy's parameters.")
+
+    def label(self) -> str:
+        """`percentile(p=90)`: how an ablation arm is named."""
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({inner})"
+
+
+class EvaluateSpec(_Section):
+    """Refusal evaluation of the ablation arms: held-out prompts, judged before and after DPO."""
+
+    source: str | None = Field(
+        None, description="Pair file whose first human turns are the held-out prompts; none: refusal rates stay empty."
+    )
+    format: Literal["auto", "prompt_chosen_rejected", "conversational", "hh_rlhf"] = Field("auto", description="Its format.")
+    n_prompts: int = Field(32, ge=1, description="How many prompts (the first distinct ones).")
+    generation: dict[str, Any] = Field(
+        default_factory=dict, description="ches_curate.evaluate.EvalConfig fields: max_new_tokens, batch_size, ..."
+    )
+
+
+class AblationSpec(_Section):
+    """The ablation arms: the full set, each policy's selection, and a same-size random control per seed."""
+
+    policies: list[PolicySpec] = Field(default_factory=list, description="Policies compared (default: `policy`).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds of the random controls (one arm each).")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="ches_curate.train.TrainConfig fields: beta, learning_rate, max_steps, ..."
+    )
+    output_dir: str = Field("runs/ablation", description="Checkpoints of the arms go under this directory.")
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+
+class PipelineConfig(_Section):
+    """One file configures all three pipelines; `zenml` is a ZenML run configuration applied to each."""
+
+    store: str = Field("ches_curate.duckdb", description="DuckDB store file, referenced by path (never copied).")
+    dataset: DatasetSpec
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    quality: str | None = Field(None, description="Quality config YAML (bounds, extra expectations); default rules if unset.")
+    policy: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="percentile", params={"p": 90}),
+        description="The selection policy of the curation and refresh pipelines.",
+    )
+    export: str = Field(
+        "out/{dataset}_v{version}_curated.parquet",
+        description="Curated file (.parquet or .jsonl); {dataset}, {version}, {selection_id} are filled in.",
+    )
+    ablation: AblationSpec = Field(default_factory=AblationSpec)
+    zenml: dict[str, Any] = Field(default_factory=dict, description="ZenML run configuration (settings, steps, ...).")
+
+    def ablation_policies(self) -> list[PolicySpec]:
+        return self.ablation.policies or [self.policy]
+
+    def with_store(self, store: str | os.PathLike | None) -> PipelineConfig:
+        """A copy using `store` (the CLI's `--db`) when given."""
+        return self if store is None else self.model_copy(update={"store": str(store)})
+
+    def resolved(self, base: str | os.PathLike | None = None) -> PipelineConfig:
+        """A copy whose local paths are absolute (relative ones are taken from `base`, default the working
+        directory), so that a run records where its files are and a scheduled run finds them.
+
+        The source stays as written unless it is an existing local path (it may be a hub id).
+        """
+        base = Path(base or Path.cwd())
+
+        def local(path: str | None) -> str | None:
+            return str(base / path) if path is not None and (base / path).exists() else path
+
+        evaluate = self.ablation.evaluate.model_copy(update={"source": local(self.ablation.evaluate.source)})
+        update = {
+            "store": str(base / self.store),
+            "export": str(base / self.export),
+            "quality": str(base / self.quality) if self.quality else None,
+            "dataset": self.dataset.model_copy(update={"source": local(self.dataset.source)}),
+            "ablation": self.ablation.model_copy(update={"output_dir": str(base / self.ablation.output_dir),
+                                                         "evaluate": evaluate}),
+        }
+        return self.model_copy(update=update)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PipelineConfig:
+        """Load and validate a YAML file; errors name the file and the offending key."""
+        return load_yaml_model(cls, path, "pipeline config")
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml_model(model: type[ModelT], path: str | os.PathLike, what: str) -> ModelT:
+    """Validate the YAML (or JSON) file at `path` as `model`; a `ChesCurateError` names the file and each bad key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ChesCurateError(f"cannot read {what} {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ChesCurateError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ChesCurateError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors())
+        raise ChesCurateError(f"{path}: {problems}") from err

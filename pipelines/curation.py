@@ -1,0 +1,79 @@
+"""The curation pipeline: ingest → validate pairs → score → validate scores → filter → export."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from zenml import Model, pipeline
+
+from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
+from pipelines import MODEL_NAME, run_pipeline
+from pipelines.steps import export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores
+
+SAMPLE = Path(str(resources.files("ches_curate") / "data" / "hh_rlhf_harmless_sample.jsonl"))
+"""300 real hh-rlhf pairs shipped with the package (one with mismatched transcripts, quarantined at ingest)."""
+
+CHES_MODEL = Model(
+    name=MODEL_NAME,
+    description="CHES-curated DPO preference data: each version links a curation, refresh or ablation run.",
+    license="MIT",
+    tags=["dpo", "data-curation", "ches"],
+)
+
+
+def validated_scores(config: PipelineConfig, skip_if_passed: bool) -> tuple[Any, Any]:
+    """The steps every pipeline starts with: ingest → validate pairs → score → validate scores.
+
+    Called inside a pipeline function; returns the `score_run` and `scores_quality` outputs.
+    """
+    version = ingest_dataset(config.store, config.dataset)
+    pairs_quality = validate_pairs(config.store, version, config.quality, skip_if_passed=skip_if_passed)
+    score_run, _ = score_pairs(config.store, version, config.scoring, after=pairs_quality)
+    return score_run, validate_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)
+
+
+@pipeline(model=CHES_MODEL, enable_cache=False)
+def curation_pipeline(config: PipelineConfig) -> None:
+    """Curate a preference dataset by CHES score; every stage writes to the DuckDB store at `config.store`.
+
+    Caching is off: steps read and write the store, which ZenML cannot see, and
+    scoring is already incremental there.
+    """
+    score_run, scores_quality = validated_scores(config, skip_if_passed=False)
+    _, selection = select_pairs(config.store, score_run, config.policy, after=scores_quality)
+    export_curated(config.store, selection, config.export)
+
+
+def demo_config(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, model: str = "default",
+                export: str = "out/{dataset}_v{version}_curated.parquet") -> PipelineConfig:
+    """The demo: the first `limit` pairs of the shipped hh-rlhf sample, the default model, the 90th-percentile cut."""
+    return PipelineConfig(
+        store=str(store), export=export,
+        dataset=DatasetSpec(name="hh_rlhf_harmless_sample", source=str(SAMPLE), format="hh_rlhf", limit=limit),
+        scoring=ScoringSpec(model=model),
+    ).resolved()
+
+
+def run_demo(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, model: str = "default") -> Any:
+    """Run the curation pipeline on the shipped sample; returns the finished ZenML run (see `curation_outcome`)."""
+    return run_pipeline("curation", demo_config(store, limit, model))
+
+
+def curation_outcome(run: Any) -> dict[str, Any]:
+    """What a finished curation or refresh run produced: its id, store, dataset version, score run, selection, file."""
+    def output(step: str, name: str) -> Any:
+        return run.steps[step].outputs[name][0].load()
+
+    config = run.config.parameters["config"]
+    select_step = "reselect_pairs" if "reselect_pairs" in run.steps else "select_pairs"
+    return {
+        "run_id": str(run.id), "run_name": run.name, "status": str(run.status.value),
+        "store": config["store"] if isinstance(config, dict) else config.store,
+        "dataset_version": output("ingest_dataset", "dataset_version"),
+        "score_run": output("score_pairs", "score_run"),
+        "selection": output(select_step, "selection_summary"),
+        "curated_path": output("export_curated", "curated_path"),
+        "model_version": run.model_version.name if run.model_version else None,
+    }

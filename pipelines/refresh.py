@@ -1,0 +1,22 @@
+"""The refresh pipeline: re-read the source, score only new pairs, re-apply the policy, record what changed.
+
+Cost follows the change: an unchanged source adds no dataset version, scores nothing,
+re-checks nothing and reuses the selection (an empty diff); a changed one scores only
+its new pairs and validates the new version once.
+"""
+
+from __future__ import annotations
+
+from zenml import pipeline
+
+from ches_curate.pipeline_config import PipelineConfig
+from pipelines.curation import CHES_MODEL, validated_scores
+from pipelines.steps import export_curated, reselect_pairs
+
+
+@pipeline(model=CHES_MODEL, enable_cache=False)
+def refresh_pipeline(config: PipelineConfig) -> None:
+    """Bring the curated dataset up to date with its source; the `selection_diff` artifact lists the changes."""
+    score_run, scores_quality = validated_scores(config, skip_if_passed=True)
+    _, selection, _ = reselect_pairs(config.store, score_run, config.policy, after=scores_quality)
+    export_curated(config.store, selection, config.export)
