@@ -7,11 +7,14 @@ repository's `.zen/` config.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ches_curate_tests_"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 os.environ.update(
     {
         "ZENML_CONFIG_PATH": str(_SESSION_TMP / "zenml_config"),
@@ -33,6 +36,17 @@ import pytest  # noqa: E402
 from tests.tiny_models import build_tiny_model  # noqa: E402
 
 SHARED_HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf_harmless_1500.jsonl"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine the threads spin-wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

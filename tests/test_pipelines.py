@@ -62,14 +62,6 @@ def cli() -> typer.Typer:
     return app
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def zenml_repo() -> Iterator[Path]:
     """The temporary ZenML repository conftest points ZENML_REPOSITORY_PATH at, initialized once.
