@@ -87,7 +87,7 @@ def default_gguf_path() -> Path:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint to a safetensors model directory (atomic: a crash leaves no half copy)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -156,7 +156,6 @@ def load_model(
     spec: str = "default", device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
 ) -> LoadedModel:
     """Load model and tokenizer for `spec`, in eval mode on `device` with `dtype`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
@@ -166,6 +165,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
+        raise ChesCurateError(f"could not load model {spec!r}: {err}") from err
+    except ValueError as err:  # transformers refuses custom code (auto_map) that was not trusted, or a bad config
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ChesCurateError(
+                f"model {spec!r} needs its own Python code (auto_map in its config), which is not run unless you "
+                "pass --trust-remote-code; read that code first"
+            ) from err
         raise ChesCurateError(f"could not load model {spec!r}: {err}") from err
     model.to(device).eval()
     if isinstance(location, Path):

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ches_curate.errors import ChesCurateError
+from ches_curate.config_files import load_yaml_model
 
 
 class _Section(BaseModel):
@@ -149,24 +148,3 @@ class PipelineConfig(_Section):
     def from_file(cls, path: str | os.PathLike) -> PipelineConfig:
         """Load and validate a YAML file; errors name the file and the offending key."""
         return load_yaml_model(cls, path, "pipeline config")
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def load_yaml_model(model: type[ModelT], path: str | os.PathLike, what: str) -> ModelT:
-    """Validate the YAML (or JSON) file at `path` as `model`; a `ChesCurateError` names the file and each bad key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ChesCurateError(f"cannot read {what} {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ChesCurateError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ChesCurateError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors())
-        raise ChesCurateError(f"{path}: {problems}") from err

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ches_curate.config_files import load_yaml_model
 from ches_curate.errors import ChesCurateError
 
 Severity = Literal["error", "warn"]
@@ -152,23 +151,8 @@ class QualityConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> QualityConfig:
-        """Load a YAML or JSON file (JSON is YAML); errors name the file and the offending key."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as err:
-            raise ChesCurateError(f"cannot read quality config {path}: {err.strerror}") from err
-        except yaml.YAMLError as err:
-            raise ChesCurateError(f"{path}: not valid YAML/JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ChesCurateError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ChesCurateError as err:
-            raise ChesCurateError(f"{path}: {err}") from err
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors())
-            raise ChesCurateError(f"{path}: {problems}") from err
+        """Load a YAML or JSON file; errors name the file and the offending key."""
+        return load_yaml_model(cls, path, "quality config")
 
 
 @functools.cache

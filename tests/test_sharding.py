@@ -14,7 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from ches_curate import cli, distributed, sharding
-from ches_curate.commands import sharded_score as shard_command
 from ches_curate.errors import ChesCurateError
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.pairs import SCORE_COLUMNS, pair_id
