@@ -18,6 +18,7 @@ from rich.markup import escape
 from ches_curate.errors import ChesCurateError
 
 COMMAND_MODULES = (
+    "ches_curate.commands.store",
     "ches_curate.commands.score",
     "ches_curate.commands.report",
     "ches_curate.commands.filter",

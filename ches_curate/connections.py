@@ -8,6 +8,7 @@ retries with backoff up to a timeout, then raises `StoreLockedError` naming the 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -20,6 +21,8 @@ import duckdb
 from ches_curate.errors import ChesCurateError, StoreLockedError
 
 DEFAULT_LOCK_TIMEOUT_S = 5.0
+_DISK_FULL = os.strerror(errno.ENOSPC)
+"""How DuckDB's errors say the disk is full: 'Could not write file "x.wal": No space left on device'."""
 _LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 
 
@@ -34,6 +37,11 @@ def connect(path: Path, read_only: bool = False, timeout_s: float | None = None)
     con = open_connection(path, read_only, lock_timeout() if timeout_s is None else timeout_s)
     try:
         yield con
+    except duckdb.Error as err:
+        if _DISK_FULL in str(err):
+            raise ChesCurateError(f"{path}: no space left on device; the write in progress was rolled back and the "
+                                  "store keeps everything committed before it (free some space and rerun)") from err
+        raise
     finally:
         con.close()
 

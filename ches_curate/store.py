@@ -9,12 +9,10 @@ a bounded time, then raises `StoreLockedError` naming the holder's PID.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,50 +23,32 @@ import pyarrow as pa
 from ches_curate import connections, migrations
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
+from ches_curate.records import (
+    QUARANTINE_FIELDS, ContentHash, DatasetVersion, pair_from_record, pairs_table, quarantine_table, to_json,
+)
 
 DEFAULT_DB = "ches_curate.duckdb"
 INSERT_BATCH = 10_000
 PAGE_SIZE = 5_000
 SCORE_VALUES = SCORE_COLUMNS[2:]
-QUARANTINE_FIELDS = (
-    "dataset_name", "dataset_version", "stage", "source", "line", "field", "reason", "expectation", "pair_id", "raw",
-)
+WRITES_OUTSIDE_THE_STORE = ("COPY", "COPY_DATABASE", "EXPORT", "ATTACH", "LOAD")
 
 
-@dataclass(frozen=True)
-class DatasetVersion:
-    name: str
-    version: int
-    n_pairs: int
-    n_quarantined: int
-    created: bool = False
-    content_hash: str = ""
-    source: str | None = None
+def _refuse_writes_outside_the_store(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """A read-only connection still lets COPY ... TO, EXPORT and ATTACH write files and LOAD run extensions."""
+    for statement in con.extract_statements(query):
+        if statement.type.name in WRITES_OUTSIDE_THE_STORE:
+            raise ChesCurateError(f"{statement.type.name} statements can write files or other databases, or load "
+                                  "extensions, so they need --write (the store is opened read-only)")
+
+
+def _insert_model(con: duckdb.DuckDBPyConnection, key: str, info: dict[str, Any]) -> None:
+    con.execute("INSERT OR IGNORE INTO models (model_key, name, revision, file_hash, dtype) VALUES (?, ?, ?, ?, ?)",
+                [key, info.get("name"), info.get("revision"), info.get("file_hash"), info.get("dtype")])
 
 
 def default_path() -> Path:
     return Path(os.environ.get("CHES_CURATE_DB") or DEFAULT_DB)
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-
-
-def _pair_from_record(rec: dict) -> PreferencePair:
-    """A `pairs` row (plus its `row`) back into the pair it was stored from."""
-    prompt = json.loads(rec["prompt_messages"]) if rec["prompt_messages"] else rec["prompt"]
-    metadata = json.loads(rec["metadata"]) if rec["metadata"] else {}
-    return PreferencePair(prompt, rec["chosen"], rec["rejected"], int(rec["row"]), rec["format"], metadata)
-
-
-def _pairs_table(pairs: list[PreferencePair]) -> pa.Table:
-    """Pairs as `pairs` rows: chat prompts as readable text plus their message list as JSON."""
-    return pa.table({
-        "pair_id": [p.pair_id for p in pairs], "prompt": [p.prompt_text for p in pairs],
-        "prompt_messages": [None if isinstance(p.prompt, str) else _json(p.prompt) for p in pairs],
-        "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs],
-        "format": [p.format for p in pairs], "metadata": [_json(p.metadata) if p.metadata else None for p in pairs],
-    })
 
 
 class Store:
@@ -112,7 +92,6 @@ class Store:
         with self.connect(read_only=True) as con:
             return migrations.current_version(con)
 
-
     def register_dataset(
         self, name: str, source: str | None, items: Iterable[PreferencePair | Any]
     ) -> DatasetVersion:
@@ -124,7 +103,7 @@ class Store:
         ingested twice is one version. Pair texts are written in batches of 10k
         (deduplicated by `pair_id`); the version itself appears in one transaction.
         """
-        digest = hashlib.sha256()
+        digest = ContentHash()
         dataset_pairs, rejected = self._store_pairs(items, digest)
         content_hash = digest.hexdigest()
         with self._transaction() as con:
@@ -145,7 +124,7 @@ class Store:
             self._append_quarantine(con, [dict(r, dataset_name=name, dataset_version=version) for r in rejected])
         return DatasetVersion(name, version, dataset_pairs.num_rows, len(rejected), True, content_hash, source)
 
-    def _store_pairs(self, items: Iterable[PreferencePair | Any], digest) -> tuple[pa.Table, list[dict]]:
+    def _store_pairs(self, items: Iterable[PreferencePair | Any], digest: ContentHash) -> tuple[pa.Table, list[dict]]:
         """Write the pairs batch by batch; return the version's (row, pair_id) links and its rejected rows."""
         links: list[pa.RecordBatch] = [pa.RecordBatch.from_pydict(
             {"row": pa.array([], pa.int64()), "pair_id": pa.array([], pa.string())})]
@@ -153,10 +132,7 @@ class Store:
         batch: list[PreferencePair] = []
         for item in items:
             if not isinstance(item, PreferencePair):
-                raw = item.raw if isinstance(item.raw, str) else _json(item.raw)
-                digest.update(f"rejected\t{item.line}\t{item.field}\t{item.reason}\t{raw}\n".encode())
-                rejected.append({"stage": "ingest", "source": item.source, "line": item.line, "field": item.field,
-                                 "reason": item.reason, "raw": raw})
+                rejected.append(digest.add_rejected(item))
                 continue
             batch.append(item)
             if len(batch) >= INSERT_BATCH:
@@ -166,11 +142,10 @@ class Store:
             links.append(self._insert_pairs(batch, digest))
         return pa.Table.from_batches(links), rejected
 
-    def _insert_pairs(self, batch: list[PreferencePair], digest) -> pa.RecordBatch:
-        table = _pairs_table(batch)
+    def _insert_pairs(self, batch: list[PreferencePair], digest: ContentHash) -> pa.RecordBatch:
+        table = pairs_table(batch)
         rows = [p.row for p in batch]
-        for row, pair_id in zip(rows, table["pair_id"].to_pylist()):
-            digest.update(f"{row}\t{pair_id}\n".encode())
+        digest.add_pairs(rows, table["pair_id"].to_pylist())
         with self._transaction() as con:
             con.register("new_pairs", table)
             con.execute(
@@ -227,11 +202,12 @@ class Store:
         Paged by row with a fresh read-only connection per page, so the caller may write
         scores between pages; a pair scored meanwhile is simply not offered again.
         """
-        dv = self.dataset_version(name, version)
         unscored = "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.pair_id = dp.pair_id AND s.model_key = ?)"
-        return self._pages(dv, [(unscored, [model_key])], distinct=True)
+        return self._pages(DatasetVersion(name, version, 0, 0), [(unscored, [model_key])], distinct=True, verify=True)
 
-    def _pages(self, dv: DatasetVersion, filters: list[tuple[str, list]], distinct: bool) -> Iterator[PreferencePair]:
+    def _pages(
+        self, dv: DatasetVersion, filters: list[tuple[str, list]], distinct: bool, verify: bool = False
+    ) -> Iterator[PreferencePair]:
         conditions = " ".join(sql for sql, _ in filters)
         # The page is cut from the narrow dataset_pairs first, so only its pairs' texts are read.
         query = (
@@ -239,51 +215,60 @@ class Store:
             f'AND dp."row" > ? {conditions} ORDER BY dp."row" LIMIT ?) '
             'SELECT page."row", p.* FROM page JOIN pairs p USING (pair_id) ORDER BY page."row"'
         )
-        with self.connect(read_only=True) as con:
-            repeated = {r[0] for r in con.execute(
-                "SELECT pair_id FROM dataset_pairs WHERE name = ? AND version = ? GROUP BY pair_id HAVING count(*) > 1",
-                [dv.name, dv.version]).fetchall()} if distinct else set()
+        repeated: set[str] | None = None if distinct else set()
         seen: set[str] = set()
         last_row = -1
         while True:
             params = [dv.name, dv.version, last_row, *(v for _, values in filters for v in values), PAGE_SIZE]
             with self.connect(read_only=True) as con:
+                if verify:  # checked in the first page's connection: one connection less for the scoring loop
+                    verify = not con.execute("SELECT count(*) FROM datasets WHERE name = ? AND version = ?",
+                                             [dv.name, dv.version]).fetchall()[0][0]
+                if repeated is None:
+                    repeated = {r[0] for r in con.execute(
+                        "SELECT pair_id FROM dataset_pairs WHERE name = ? AND version = ? GROUP BY pair_id "
+                        "HAVING count(*) > 1", [dv.name, dv.version]).fetchall()}
                 result = con.execute(query, params)
                 names = [d[0] for d in result.description]
                 page = [dict(zip(names, values)) for values in result.fetchall()]
+            if verify:
+                self.dataset_version(dv.name, dv.version)  # raises, listing what exists
             for rec in page:
                 if rec["pair_id"] in repeated:
                     if rec["pair_id"] in seen:
                         continue
                     seen.add(rec["pair_id"])
-                yield _pair_from_record(rec)
+                yield pair_from_record(rec)
             if len(page) < PAGE_SIZE:
                 return
             last_row = page[-1]["row"]
 
-
     def register_model(self, key: str, info: dict[str, Any]) -> None:
         with self._transaction() as con:
-            con.execute("INSERT OR IGNORE INTO models (model_key, name, revision, file_hash, dtype) VALUES (?, ?, ?, ?, ?)",
-                        [key, info.get("name"), info.get("revision"), info.get("file_hash"), info.get("dtype")])
+            _insert_model(con, key, info)
 
-    def count_scored(self, name: str, version: int, model_key: str) -> int:
-        """How many distinct pairs of the version already have a score for `model_key`."""
+    def score_counts(self, name: str, version: int, model_key: str) -> tuple[int, int]:
+        """(distinct pairs in the version, how many of them already have a score for `model_key`)."""
         with self.connect(read_only=True) as con:
-            return con.execute(
-                "SELECT count(DISTINCT dp.pair_id) FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id "
-                "WHERE dp.name = ? AND dp.version = ? AND s.model_key = ?", [name, version, model_key]
-            ).fetchall()[0][0]
+            n_pairs, n_scored = con.execute(
+                "SELECT count(DISTINCT dp.pair_id), count(DISTINCT s.pair_id) FROM dataset_pairs dp LEFT JOIN scores s "
+                "ON s.pair_id = dp.pair_id AND s.model_key = ? WHERE dp.name = ? AND dp.version = ?",
+                [model_key, name, version],
+            ).fetchall()[0]
+        return n_pairs, n_scored
 
     def start_score_run(
         self, dataset_name: str, dataset_version: int, model_key: str, params: dict[str, Any] | None = None,
-        zenml_run_id: str | None = None, n_skipped: int = 0,
+        zenml_run_id: str | None = None, n_skipped: int = 0, model_info: dict[str, Any] | None = None,
     ) -> int:
+        """Open a `running` score run; with `model_info`, register the model in the same transaction."""
         with self._transaction() as con:
+            if model_info is not None:
+                _insert_model(con, model_key, model_info)
             return con.execute(
                 "INSERT INTO score_runs (dataset_name, dataset_version, model_key, params, status, n_skipped, "
                 "zenml_run_id) VALUES (?, ?, ?, ?, 'running', ?, ?) RETURNING run_id",
-                [dataset_name, dataset_version, model_key, _json(params), n_skipped, zenml_run_id],
+                [dataset_name, dataset_version, model_key, to_json(params), n_skipped, zenml_run_id],
             ).fetchall()[0][0]
 
     def write_scores(self, run_id: int, model_key: str, frame: pd.DataFrame) -> int:
@@ -351,7 +336,6 @@ class Store:
         raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} was scored by several models; pick one of: "
                               + ", ".join(keys))
 
-
     def save_selection(
         self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
         frame: pd.DataFrame, score_column: str | None,
@@ -364,7 +348,7 @@ class Store:
             con.execute(
                 "INSERT INTO selections (selection_id, policy, params, dataset_name, dataset_version, model_key, "
                 "pair_id, kept, rank, score_column) SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ? FROM decisions",
-                [selection_id, policy, _json(params), name, version, model_key, score_column],
+                [selection_id, policy, to_json(params), name, version, model_key, score_column],
             )
         return int(selection_id)
 
@@ -385,24 +369,17 @@ class Store:
 
     @staticmethod
     def _append_quarantine(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        unknown = set().union(*rows) - set(QUARANTINE_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown quarantine fields: {sorted(unknown)}")
-        table = pa.Table.from_pylist(
-            [{f: r.get(f) for f in QUARANTINE_FIELDS} for r in rows],
-            schema=pa.schema([(f, pa.int64() if f in ("dataset_version", "line") else pa.string())
-                              for f in QUARANTINE_FIELDS]),
-        )
-        con.register("new_quarantine", table)
-        columns = ", ".join(QUARANTINE_FIELDS)
-        con.execute(f"INSERT INTO quarantine ({columns}) SELECT {columns} FROM new_quarantine")
+        if rows:
+            con.register("new_quarantine", quarantine_table(rows))
+            columns = ", ".join(QUARANTINE_FIELDS)
+            con.execute(f"INSERT INTO quarantine ({columns}) SELECT {columns} FROM new_quarantine")
 
     def sql(self, query: str, write: bool = False, params: list | None = None) -> pd.DataFrame:
         """Run SQL (read-only unless `write`); DuckDB errors become one `ChesCurateError` with DuckDB's message."""
         with self.connect(read_only=not write) as con:
             try:
+                if not write:
+                    _refuse_writes_outside_the_store(con, query)
                 result = con.execute(query, params)
                 return result.df() if result.description else pd.DataFrame()
             except duckdb.Error as err:

@@ -202,7 +202,7 @@ def test_unscored_pairs_skips_scored_and_repeated_pairs(tmp_path, monkeypatch):
     store.write_scores(run, "m", fake_scores([pairs[0], pairs[3]]))
     assert [p.row for p in store.unscored_pairs("toy", 1, "m")] == [1, 2, 4]
     assert [p.row for p in store.unscored_pairs("toy", 1, "other")] == [0, 1, 2, 3, 4]
-    assert store.count_scored("toy", 1, "m") == 2
+    assert store.score_counts("toy", 1, "m") == (5, 2)  # the repeated pair counts once
 
 
 def test_scores_needs_a_model_when_several_scored_the_dataset(tmp_path):
@@ -304,3 +304,10 @@ def test_writer_waits_for_a_short_lock_to_be_released(tmp_path):
     finally:
         holder.wait()
     assert dv.created and store.latest_version("toy").n_pairs == 3
+
+
+def test_unscored_pairs_of_an_unknown_version_lists_what_exists(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    store.register_dataset("toy", None, make_pairs(2))
+    with pytest.raises(ChesCurateError, match=r"no version 3 \(versions: 1\)"):
+        list(store.unscored_pairs("toy", 3, "m"))

@@ -50,13 +50,13 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", chat_template: bool = T
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
         )
         model = LlamaForCausalLM(config)
     elif arch == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512,
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=4096,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
         )
         model = GPT2LMHeadModel(config)

@@ -1,0 +1,151 @@
+"""Store commands: `ingest`, `datasets`, `sql`, `export`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ches_curate.errors import ChesCurateError
+
+console = Console()
+err_console = Console(stderr=True)
+
+DB_HELP = "DuckDB store file (default ./ches_curate.duckdb)."
+SQL_FORMATS = ("table", "csv", "json", "parquet")
+TABLE_ROWS = 200
+"""Rows shown by the table format; machine formats write every row."""
+
+
+def _db_option():
+    return typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP)
+
+
+def _store(db: Path | None, create: bool = False):
+    from ches_curate.store import Store
+
+    return Store(db, create=create)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def ingest(
+        source: str = typer.Argument(..., help="Preference file (JSONL, CSV, Parquet), saved HF dataset dir or hub id."),
+        dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name in the store."),
+        format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
+        on_error: str = typer.Option(
+            "fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it in the store and go on."
+        ),
+        db: Optional[Path] = _db_option(),
+    ) -> None:
+        """Store a dataset; a new version is created only when its content changed."""
+        from ches_curate.ingest import read_pairs
+
+        store = _store(db, create=True)
+        dv = store.register_dataset(dataset, str(source), read_pairs(source, format=format, on_error=on_error))
+        counts = f"{dv.n_pairs:,} pairs, {dv.n_quarantined:,} quarantined"
+        if dv.created:
+            console.print(f"dataset [bold]{escape(dv.name)}[/] v{dv.version}: {counts} (new version) in {store.path}")
+        else:
+            console.print(f"dataset [bold]{escape(dv.name)}[/] unchanged: same content as v{dv.version} ({counts})")
+
+    @app.command("datasets")
+    def list_datasets(db: Optional[Path] = _db_option()) -> None:
+        """List stored datasets and versions, with pair counts and how many models scored each."""
+        frame = _store(db).datasets()
+        if frame.empty:
+            console.print("no datasets yet; add one with `ches-curate ingest FILE --dataset NAME`")
+            return
+        _print_table(frame.drop(columns="content_hash"), title=None)
+
+    @app.command()
+    def sql(
+        query: str = typer.Argument(..., help="SQL to run against the store (DuckDB dialect)."),
+        db: Optional[Path] = _db_option(),
+        format: Optional[str] = typer.Option(
+            None, "--format", "-f", help="table, csv, json or parquet (default: table on a terminal, csv in a pipe)."
+        ),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
+        write: bool = typer.Option(False, "--write", help="Open the store for writing (needed for INSERT, UPDATE, ...)."),
+    ) -> None:
+        """Run SQL over the store: read-only unless --write. Tables and views are documented in the README."""
+        fmt = _sql_format(format, output)
+        frame = _store(db).sql(query, write=write)
+        if fmt == "table":
+            _print_table(frame, title=None)
+        elif fmt == "parquet":
+            frame.to_parquet(output, index=False)
+        elif fmt == "csv":
+            frame.to_csv(output or sys.stdout, index=False)
+        else:
+            text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
+            if output:
+                output.write_text(text + "\n", encoding="utf-8")
+            else:
+                sys.stdout.write(text + "\n")
+        if output:
+            err_console.print(f"wrote {len(frame):,} rows to {output}")
+
+    @app.command()
+    def export(
+        output: Path = typer.Option(..., "--output", "-o", help="Output file: .jsonl or .parquet."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (implied by --selection)."),
+        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+        selection: Optional[int] = typer.Option(
+            None, "--selection", "-s", help="Selection id from `ches-curate filter`: export only the pairs it kept."
+        ),
+        db: Optional[Path] = _db_option(),
+    ) -> None:
+        """Write a training-ready dataset in TRL's preference format (prompt, chosen, rejected)."""
+        from ches_curate.export import export_dataset
+
+        result = export_dataset(_store(db), output, dataset=dataset, version=version, selection_id=selection)
+        style = "conversational" if result.conversational else "standard"
+        what = f"selection {result.selection_id} of " if result.selection_id is not None else ""
+        console.print(
+            f"wrote {result.n_pairs:,} pairs ({style} TRL format) from {what}{escape(result.dataset_name)} "
+            f"v{result.dataset_version} to [bold]{escape(str(result.path))}[/]"
+        )
+
+
+def _sql_format(format: str | None, output: Path | None) -> str:
+    if format is None:
+        suffix = output.suffix.lower().lstrip(".") if output else ""
+        format = suffix if suffix in SQL_FORMATS else ("table" if output is None and console.is_terminal else "csv")
+    if format not in SQL_FORMATS:
+        raise ChesCurateError(f"unknown --format {format!r}; choose one of {', '.join(SQL_FORMATS)}")
+    if format == "parquet" and output is None:
+        raise ChesCurateError("--format parquet needs --output FILE.parquet")
+    if format == "table" and output is not None:
+        raise ChesCurateError("--format table prints to the terminal; use csv, json or parquet with --output")
+    return format
+
+
+def _cell(value) -> str:
+    import pandas as pd
+
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
+        return "[dim]NULL[/]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return escape(str(value))
+
+
+def _print_table(frame, title: str | None) -> None:
+    """Render a DataFrame as a rich table (the first TABLE_ROWS rows)."""
+    import pandas as pd
+
+    table = Table(title=title, show_lines=False)
+    for column, dtype in frame.dtypes.items():
+        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(dtype) else "left")
+    for values in frame.head(TABLE_ROWS).itertuples(index=False):
+        table.add_row(*map(_cell, values))
+    console.print(table)
+    shown = min(len(frame), TABLE_ROWS)
+    note = f"{len(frame):,} rows" if shown == len(frame) else f"showing {shown} of {len(frame):,} rows (use --format csv)"
+    err_console.print(f"[dim]{note}[/]")

@@ -1,0 +1,133 @@
+"""Incremental, resumable scoring of a stored dataset version.
+
+Only pairs without a score for the model key are scored, and every batch is committed
+in its own short transaction. A run killed at any moment (even `kill -9`) loses at
+most the batch in flight; rerunning scores exactly the rest, and the primary key
+(pair_id, model_key) guarantees one score per pair and model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from ches_curate.models import LoadedModel
+from ches_curate.progress import track_frames
+from ches_curate.scoring import Scorer, ScoringConfig
+from ches_curate.store import Store
+
+
+@dataclass(frozen=True)
+class ScoreRunSummary:
+    run_id: int
+    dataset_name: str
+    dataset_version: int
+    model_key: str
+    status: str
+    n_pairs: int
+    """Distinct pairs in the dataset version."""
+    n_scored: int
+    """Pairs scored and committed by this run."""
+    n_skipped: int
+    """Pairs that already had a score for this model key."""
+    n_failed: int
+    """Pairs the scorer could not score (quarantined with stage `scoring`)."""
+    wall_time_s: float
+
+    def describe(self) -> str:
+        """One line for the terminal."""
+        failed = f", {self.n_failed:,} failed (quarantined)" if self.n_failed else ""
+        return (
+            f"run {self.run_id} {self.status}: {self.dataset_name} v{self.dataset_version} with {self.model_key}: "
+            f"{self.n_scored:,} scored, {self.n_skipped:,} already scored{failed} of {self.n_pairs:,} pairs "
+            f"in {self.wall_time_s:.1f} s"
+        )
+
+
+def score_dataset(
+    store: Store,
+    dataset: str,
+    model: str | LoadedModel | Scorer = "default",
+    config: ScoringConfig | None = None,
+    version: int | None = None,
+    zenml_run_id: str | None = None,
+    progress: bool = True,
+) -> ScoreRunSummary:
+    """Score the pairs of `dataset` (latest version by default) that `model` has not scored yet.
+
+    Registers the model, opens a `score_runs` row, streams `store.unscored_pairs` through
+    `Scorer.score_batches` and commits each batch with `store.write_scores`. The run ends
+    `finished`, or `failed` / `interrupted` (then re-raises); its committed scores stay.
+    """
+    started = time.perf_counter()
+    scorer = model if isinstance(model, Scorer) else Scorer(model, config or ScoringConfig())
+    config = scorer.config
+    dv = store.dataset_version(dataset, version)
+    n_pairs, n_skipped = store.score_counts(dv.name, dv.version, scorer.key)
+    close_abandoned_runs(store, dv.name, dv.version, scorer.key)
+    params = dataclasses.asdict(config) | {"pid": os.getpid(), "host": socket.gethostname()}
+    run_id = store.start_score_run(dv.name, dv.version, scorer.key, params, zenml_run_id, n_skipped=n_skipped,
+                                   model_info=scorer.loaded.info)
+    failures_before = len(scorer.failures)
+    n_scored, status = 0, "failed"
+    try:
+        frames = scorer.score_batches(store.unscored_pairs(dv.name, dv.version, scorer.key))
+        if progress:
+            frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=n_pairs - n_skipped)
+        for frame in frames:
+            n_scored += store.write_scores(run_id, scorer.key, frame)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        failures = scorer.failures[failures_before:]
+        _quarantine_failures(store, dv.name, dv.version, scorer.key, failures)
+        store.finish_score_run(run_id, status, n_failed=len(failures))
+    return ScoreRunSummary(
+        run_id, dv.name, dv.version, scorer.key, status, n_pairs, n_scored, n_skipped, len(failures),
+        time.perf_counter() - started,
+    )
+
+
+def _quarantine_failures(store: Store, name: str, version: int, model_key: str, failures: list[dict]) -> None:
+    """Quarantine unscorable pairs (stage `scoring`), once per pair and reason even across reruns."""
+    rows = [{"dataset_name": name, "dataset_version": version, "stage": "scoring", "pair_id": f["pair_id"],
+             "field": f["field"], "reason": f"{f['reason']} (model {model_key}, row {f['row']})"} for f in failures]
+    if not rows:
+        return
+    known = set(store.sql(
+        "SELECT pair_id, reason FROM quarantine WHERE stage = 'scoring' AND dataset_name = ? AND dataset_version = ?",
+        params=[name, version]).itertuples(index=False, name=None))
+    store.add_quarantine(r for r in rows if (r["pair_id"], r["reason"]) not in known)
+
+
+def close_abandoned_runs(store: Store, dataset_name: str, dataset_version: int, model_key: str) -> list[int]:
+    """Mark `killed` the runs left `running` by a process of this host that no longer exists (e.g. `kill -9`).
+
+    Their committed scores stay; `finished_at` is when the loss was noticed.
+    """
+    runs = store.sql(
+        "SELECT run_id, params->>'pid' AS pid, params->>'host' AS host FROM score_runs WHERE status = 'running' "
+        "AND dataset_name = ? AND dataset_version = ? AND model_key = ?",
+        params=[dataset_name, dataset_version, model_key],
+    )
+    closed = []
+    for run_id, pid, host in runs.itertuples(index=False):
+        if host == socket.gethostname() and pid is not None and not _process_alive(int(pid)):
+            store.finish_score_run(int(run_id), "killed")
+            closed.append(int(run_id))
+    return closed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
