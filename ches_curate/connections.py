@@ -21,6 +21,7 @@ import duckdb
 from ches_curate.errors import ChesCurateError, StoreLockedError
 
 DEFAULT_LOCK_TIMEOUT_S = 5.0
+DEFAULT_MEMORY_LIMIT = "256MB"
 _DISK_FULL = os.strerror(errno.ENOSPC)
 """How DuckDB's errors say the disk is full: 'Could not write file "x.wal": No space left on device'."""
 _LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
@@ -29,6 +30,17 @@ _LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 def lock_timeout() -> float:
     """Seconds to wait for a lock: `$CHES_CURATE_LOCK_TIMEOUT`, default 5."""
     return float(os.environ.get("CHES_CURATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+
+
+def memory_limit() -> str:
+    """DuckDB's memory limit for writing connections: `$CHES_CURATE_DUCKDB_MEMORY`, default 256MB.
+
+    Without one DuckDB may take 80% of RAM before it evicts, so a long ingest grows with
+    the store; with one, large sorts and joins spill to `<db>.tmp`. Read-only connections
+    keep DuckDB's default: a query's materialised result counts against the limit, and a
+    cap would turn a large read (`Store.scores` of a million pairs) into an out-of-memory error.
+    """
+    return os.environ.get("CHES_CURATE_DUCKDB_MEMORY") or DEFAULT_MEMORY_LIMIT
 
 
 @contextmanager
@@ -51,7 +63,8 @@ def open_connection(path: Path, read_only: bool, timeout_s: float) -> duckdb.Duc
     delay = 0.02
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            config = {} if read_only else {"memory_limit": memory_limit()}
+            return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.Error as err:
             if not (isinstance(err, duckdb.IOException) and "lock" in str(err).lower()):
                 raise ChesCurateError(f"cannot open {path}: {err}") from err

@@ -129,7 +129,34 @@ VIEWS = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS)
+
+def _rebuild(table: str, create: str) -> tuple[str, ...]:
+    """Recreate `table` from `create` (same columns, in order), keeping its rows."""
+    return (f"CREATE TABLE {table}_v3 AS SELECT * FROM {table}", f"DROP TABLE {table}", create,
+            f"INSERT INTO {table} SELECT * FROM {table}_v3", f"DROP TABLE {table}_v3")
+
+
+# DuckDB keeps a PRIMARY KEY's ART index wholly in memory and cannot evict it, so every insert
+# into these tables cost memory in proportion to the rows stored (830 MB peak RSS at 1M pairs,
+# bench/RESULTS_ingest_memory.md). Uniqueness stays with the writers: `Store` inserts pairs and
+# scores with an anti-join (INSERT ... WHERE NOT EXISTS), and DuckDB's file lock makes it the only writer.
+UNINDEXED_PAIRS_AND_SCORES = Migration(
+    4,
+    "pairs, dataset_pairs and scores without primary-key indexes (flat ingest memory)",
+    (
+        *_rebuild("pairs", """CREATE TABLE pairs (
+            pair_id VARCHAR NOT NULL, prompt VARCHAR NOT NULL, prompt_messages JSON, chosen VARCHAR NOT NULL,
+            rejected VARCHAR NOT NULL, format VARCHAR NOT NULL, metadata JSON)"""),
+        *_rebuild("dataset_pairs", """CREATE TABLE dataset_pairs (
+            name VARCHAR NOT NULL, version INTEGER NOT NULL, "row" BIGINT NOT NULL, pair_id VARCHAR NOT NULL)"""),
+        *_rebuild("scores", f"""CREATE TABLE scores (
+            pair_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, ches DOUBLE, ln_ches DOUBLE, chosen_tokens INTEGER,
+            rejected_tokens INTEGER, last_hidden_ip DOUBLE, edit_distance DOUBLE, truncated BOOLEAN, run_id INTEGER,
+            scored_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})"""),
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

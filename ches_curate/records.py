@@ -1,8 +1,9 @@
 """How pairs, rejected rows and dataset versions map to rows of the store's tables.
 
-Pure conversions (no connection): a `PreferencePair` to a `pairs` row and back, a
-rejected input row to a `quarantine` row, and the content hash that decides whether
-an ingest is a new dataset version.
+Conversions (no connection): a `PreferencePair` to a `pairs` row and back, a
+rejected input row to a `quarantine` row, the content hash that decides whether an
+ingest is a new dataset version, and `ParquetSpill`, which keeps a version's rows on
+disk until the transaction that stores them.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ches_curate.pairs import PreferencePair
 
@@ -54,13 +57,42 @@ def pairs_table(pairs: list[PreferencePair]) -> pa.Table:
     })
 
 
+QUARANTINE_SCHEMA = pa.schema(
+    [(f, pa.int64() if f in ("dataset_version", "line") else pa.string()) for f in QUARANTINE_FIELDS]
+)
+LINK_SCHEMA = pa.schema([("row", pa.int64()), ("pair_id", pa.string())])
+"""A `dataset_pairs` row before its version is known."""
+
+
 def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Quarantine dicts (keys from QUARANTINE_FIELDS) as an Arrow table; unknown keys are an error."""
     unknown = set().union(*rows) - set(QUARANTINE_FIELDS)
     if unknown:
         raise ValueError(f"unknown quarantine fields: {sorted(unknown)}")
-    schema = pa.schema([(f, pa.int64() if f in ("dataset_version", "line") else pa.string()) for f in QUARANTINE_FIELDS])
-    return pa.Table.from_pylist([{f: r.get(f) for f in QUARANTINE_FIELDS} for r in rows], schema=schema)
+    return pa.Table.from_pylist([{f: r.get(f) for f in QUARANTINE_FIELDS} for r in rows], schema=QUARANTINE_SCHEMA)
+
+
+class ParquetSpill:
+    """Arrow tables appended to a Parquet file, one row group each.
+
+    A dataset version's links and rejected rows wait here, not in Python lists, until
+    the one transaction that adds the version reads them back with `read_parquet`: the
+    memory an ingest needs does not grow with the dataset.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path, self.schema, self.num_rows = path, schema, 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def append(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer = self._writer or pq.ParquetWriter(self.path, self.schema)
+            self._writer.write_table(table)
+            self.num_rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 class ContentHash:

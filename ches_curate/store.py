@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ from ches_curate import connections, migrations
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.records import (
-    QUARANTINE_FIELDS, ContentHash, DatasetVersion, pair_from_record, pairs_table, quarantine_table, to_json,
+    LINK_SCHEMA, QUARANTINE_FIELDS, QUARANTINE_SCHEMA, ContentHash, DatasetVersion, ParquetSpill, pair_from_record,
+    pairs_table, quarantine_table, to_json,
 )
 
 DEFAULT_DB = "ches_curate.duckdb"
@@ -101,58 +103,84 @@ class Store:
         `ingest`). The content hash is sha256 over `row, pair_id` of each pair and
         `line, field, reason, raw` of each rejected row, in input order: the same file
         ingested twice is one version. Pair texts are written in batches of 10k
-        (deduplicated by `pair_id`); the version itself appears in one transaction.
+        (deduplicated by `pair_id`); the version's links and rejected rows wait in
+        temporary Parquet files, so memory stays flat, and the version itself appears
+        in one transaction.
         """
         digest = ContentHash()
-        dataset_pairs, rejected = self._store_pairs(items, digest)
-        content_hash = digest.hexdigest()
-        with self._transaction() as con:
-            latest = con.execute(
-                "SELECT version, content_hash, n_pairs, n_quarantined, source FROM datasets WHERE name = ? "
-                "ORDER BY version DESC LIMIT 1", [name]
-            ).fetchall()
-            latest = latest[0] if latest else None
-            if latest and latest[1] == content_hash:
-                return DatasetVersion(name, latest[0], latest[2], latest[3], False, content_hash, latest[4])
-            version = latest[0] + 1 if latest else 1
-            con.execute(
-                "INSERT INTO datasets (name, version, source, content_hash, n_pairs, n_quarantined) "
-                "VALUES (?, ?, ?, ?, ?, ?)", [name, version, source, content_hash, dataset_pairs.num_rows, len(rejected)]
-            )
-            con.register("new_links", dataset_pairs)
-            con.execute('INSERT INTO dataset_pairs SELECT ?, ?, "row", pair_id FROM new_links', [name, version])
-            self._append_quarantine(con, [dict(r, dataset_name=name, dataset_version=version) for r in rejected])
-        return DatasetVersion(name, version, dataset_pairs.num_rows, len(rejected), True, content_hash, source)
+        with tempfile.TemporaryDirectory(prefix="ches_curate_ingest_") as spill_dir:
+            links = ParquetSpill(Path(spill_dir) / "links.parquet", LINK_SCHEMA)
+            rejected = ParquetSpill(Path(spill_dir) / "rejected.parquet", QUARANTINE_SCHEMA)
+            self._store_pairs(items, digest, links, rejected)
+            content_hash = digest.hexdigest()
+            with self._transaction() as con:
+                latest = con.execute(
+                    "SELECT version, content_hash, n_pairs, n_quarantined, source FROM datasets WHERE name = ? "
+                    "ORDER BY version DESC LIMIT 1", [name]
+                ).fetchall()
+                latest = latest[0] if latest else None
+                if latest and latest[1] == content_hash:
+                    return DatasetVersion(name, latest[0], latest[2], latest[3], False, content_hash, latest[4])
+                version = latest[0] + 1 if latest else 1
+                con.execute(
+                    "INSERT INTO datasets (name, version, source, content_hash, n_pairs, n_quarantined) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", [name, version, source, content_hash, links.num_rows, rejected.num_rows]
+                )
+                self._add_version_rows(con, name, version, links, rejected)
+        return DatasetVersion(name, version, links.num_rows, rejected.num_rows, True, content_hash, source)
 
-    def _store_pairs(self, items: Iterable[PreferencePair | Any], digest: ContentHash) -> tuple[pa.Table, list[dict]]:
-        """Write the pairs batch by batch; return the version's (row, pair_id) links and its rejected rows."""
-        links: list[pa.RecordBatch] = [pa.RecordBatch.from_pydict(
-            {"row": pa.array([], pa.int64()), "pair_id": pa.array([], pa.string())})]
-        rejected: list[dict] = []
-        batch: list[PreferencePair] = []
+    @staticmethod
+    def _add_version_rows(
+        con: duckdb.DuckDBPyConnection, name: str, version: int, links: ParquetSpill, rejected: ParquetSpill
+    ) -> None:
+        if links.num_rows:
+            con.execute('INSERT INTO dataset_pairs SELECT ?, ?, "row", pair_id FROM read_parquet(?)',
+                        [name, version, str(links.path)])
+        if rejected.num_rows:
+            con.execute(f"INSERT INTO quarantine ({', '.join(QUARANTINE_FIELDS)}) "
+                        f"SELECT ?, ?, {', '.join(QUARANTINE_FIELDS[2:])} FROM read_parquet(?)",
+                        [name, version, str(rejected.path)])
+
+    def _store_pairs(
+        self, items: Iterable[PreferencePair | Any], digest: ContentHash, links: ParquetSpill, rejected: ParquetSpill
+    ) -> None:
+        """Write the pairs batch by batch; spill the version's (row, pair_id) links and rejected rows."""
+        pairs: list[PreferencePair] = []
+        rejects: list[dict] = []
         for item in items:
             if not isinstance(item, PreferencePair):
-                rejected.append(digest.add_rejected(item))
+                rejects.append(digest.add_rejected(item))
+                if len(rejects) >= INSERT_BATCH:
+                    rejected.append(quarantine_table(rejects))
+                    rejects = []
                 continue
-            batch.append(item)
-            if len(batch) >= INSERT_BATCH:
-                links.append(self._insert_pairs(batch, digest))
-                batch = []
-        if batch:
-            links.append(self._insert_pairs(batch, digest))
-        return pa.Table.from_batches(links), rejected
+            pairs.append(item)
+            if len(pairs) >= INSERT_BATCH:
+                links.append(self._insert_pairs(pairs, digest))
+                pairs = []
+        if pairs:
+            links.append(self._insert_pairs(pairs, digest))
+        if rejects:
+            rejected.append(quarantine_table(rejects))
+        links.close()
+        rejected.close()
 
-    def _insert_pairs(self, batch: list[PreferencePair], digest: ContentHash) -> pa.RecordBatch:
+    def _insert_pairs(self, batch: list[PreferencePair], digest: ContentHash) -> pa.Table:
+        """Insert the batch's new pairs (the first of each `pair_id`); return its links."""
         table = pairs_table(batch)
+        pair_ids = table["pair_id"].to_pylist()
         rows = [p.row for p in batch]
-        digest.add_pairs(rows, table["pair_id"].to_pylist())
+        digest.add_pairs(rows, pair_ids)
+        first: dict[str, int] = {}
+        for i, pair_id in enumerate(pair_ids):
+            first.setdefault(pair_id, i)
         with self._transaction() as con:
-            con.register("new_pairs", table)
+            con.register("new_pairs", table if len(first) == len(pair_ids) else table.take(list(first.values())))
             con.execute(
-                "INSERT OR IGNORE INTO pairs SELECT * FROM new_pairs n "
+                "INSERT INTO pairs SELECT * FROM new_pairs n "
                 "WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.pair_id = n.pair_id)"
             )
-        return pa.RecordBatch.from_pydict({"row": pa.array(rows, pa.int64()), "pair_id": table["pair_id"].combine_chunks()})
+        return pa.table({"row": pa.array(rows, pa.int64()), "pair_id": table["pair_id"]}, schema=LINK_SCHEMA)
 
     def datasets(self) -> pd.DataFrame:
         """Every dataset version with its counts and the models that scored it."""
@@ -274,15 +302,16 @@ class Store:
     def write_scores(self, run_id: int, model_key: str, frame: pd.DataFrame) -> int:
         """Commit one batch of scores (columns SCORE_COLUMNS) in one transaction; returns rows added.
 
-        Idempotent: a pair that already has a score for `model_key` keeps it (primary key
-        (pair_id, model_key) plus an anti-join), so a retried batch never duplicates.
+        Idempotent: a pair that already has a score for `model_key` keeps it (an anti-join
+        on (pair_id, model_key); DuckDB's file lock makes this the only writer), and a pair
+        repeated in the batch is added once, so a retried batch never duplicates.
         """
         columns = ", ".join(SCORE_VALUES)
         batch = frame.loc[:, ["pair_id", *SCORE_VALUES]]
         with self._transaction() as con:
             con.register("batch", batch)
             added = con.execute(
-                f"INSERT OR IGNORE INTO scores (pair_id, model_key, {columns}, run_id) "
+                f"INSERT INTO scores (pair_id, model_key, {columns}, run_id) "
                 f"SELECT DISTINCT ON (pair_id) pair_id, ?, {columns}, ? FROM batch b WHERE NOT EXISTS "
                 "(SELECT 1 FROM scores s WHERE s.pair_id = b.pair_id AND s.model_key = ?)",
                 [model_key, run_id, model_key],

@@ -75,7 +75,7 @@ def columns_of(con, name: str) -> list[str]:
 
 def test_new_store_has_every_contract_table_and_column(tmp_path):
     store = Store(tmp_path / "s.duckdb")
-    assert store.schema_version() == migrations.LATEST_VERSION == 3
+    assert store.schema_version() == migrations.LATEST_VERSION == 4
     with store.connect(read_only=True) as con:
         for table, expected in CONTRACT_COLUMNS.items():
             assert columns_of(con, table) == expected.split(), table
@@ -103,11 +103,49 @@ def test_old_database_is_migrated_to_latest_keeping_its_data(tmp_path):
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4]
     assert store.latest_version("old").version == 1
     assert store.sql("SELECT count(*) AS n FROM selections").n.iloc[0] == 0
     assert store.sql("SELECT count(*) AS n FROM score_summary").n.iloc[0] == 0
-    assert Store(path).schema_version() == 3  # reopening applies nothing twice
+    assert Store(path).schema_version() == 4  # reopening applies nothing twice
+
+
+def key_constraints(store: Store) -> list[str]:
+    return store.sql("SELECT table_name FROM duckdb_constraints() WHERE constraint_type IN ('PRIMARY KEY', 'UNIQUE') "
+                     "AND table_name IN ('pairs', 'dataset_pairs', 'scores')").table_name.tolist()
+
+
+def test_migration_4_drops_the_in_memory_keys_of_pairs_and_scores_keeping_their_rows(tmp_path):
+    path = tmp_path / "v3.duckdb"
+    pairs = make_pairs(4)
+    con = duckdb.connect(str(path))
+    assert migrations.apply(con, up_to=3) == [1, 2, 3]
+    for p in pairs:
+        con.execute("INSERT INTO pairs VALUES (?, ?, NULL, ?, ?, ?, '{}')", [p.pair_id, p.prompt_text, p.chosen,
+                                                                              p.rejected, p.format])
+        con.execute("INSERT INTO dataset_pairs VALUES ('old', 1, ?, ?)", [p.row, p.pair_id])
+        con.execute("INSERT INTO scores (pair_id, model_key, ches, run_id) VALUES (?, 'm', ?, 1)", [p.pair_id, p.row / 2])
+    con.execute("INSERT INTO datasets (name, version, content_hash, n_pairs, n_quarantined) VALUES ('old', 1, 'h', 4, 0)")
+    tables = ("pairs", "dataset_pairs", "scores")
+    before = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
+    con.close()
+
+    store = Store(path)
+    assert store.schema_version() == 4 and key_constraints(store) == []
+    with store.connect(read_only=True) as con:
+        assert {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables} == before
+        assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
+    assert [(p.row, p.chosen) for p in store.dataset_pairs("old")] == [(p.row, p.chosen) for p in pairs]
+    assert store.sql("SELECT n_scored, ches_max FROM score_summary").values.tolist() == [[4, 1.5]]
+    run = store.start_score_run("old", 1, "m")
+    assert store.write_scores(run, "m", fake_scores(pairs)) == 0  # the migrated scores still count as written
+
+
+def test_writing_connections_take_their_memory_limit_from_the_environment(tmp_path, monkeypatch):
+    store = Store(tmp_path / "s.duckdb")
+    monkeypatch.setenv("CHES_CURATE_DUCKDB_MEMORY", "300MiB")
+    assert store.sql("SELECT current_setting('memory_limit') AS m", write=True).m.iloc[0] == "300.0 MiB"
+    assert store.sql("SELECT current_setting('memory_limit') AS m").m.iloc[0] != "300.0 MiB"  # reads stay uncapped
 
 
 def test_database_from_a_newer_release_is_refused(tmp_path):
@@ -152,6 +190,25 @@ def test_rejected_rows_are_quarantined_and_part_of_the_content(tmp_path):
     assert q.values.tolist() == [["toy", 1, "ingest", "a.jsonl", 3, "rejected", "is empty", bad.raw]]
     fixed = store.register_dataset("toy", "a.jsonl", make_pairs(2))
     assert (fixed.version, fixed.created, fixed.n_quarantined) == (2, True, 0)
+
+
+def test_ingest_spills_across_batches_and_stores_a_repeated_pair_once_with_its_first_metadata(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "INSERT_BATCH", 3)
+    store = Store(tmp_path / "s.duckdb")
+    pairs = make_pairs(7)
+    twin = PreferencePair(pairs[0].prompt, pairs[0].chosen, pairs[0].rejected, row=100, metadata={"i": "twin"})
+    bad = [RejectedRow("a.jsonl", 100 + i, "chosen", "is empty", f"raw {i}") for i in range(7)]
+    items = [pairs[0], twin, *[p for i, p in enumerate(pairs[1:]) for p in (p, bad[i])], bad[6]]
+    dv = store.register_dataset("toy", "a.jsonl", items)
+    assert (dv.n_pairs, dv.n_quarantined) == (8, 7)
+    assert store.sql("SELECT pair_id, metadata FROM pairs WHERE pair_id = ?", params=[twin.pair_id]).values.tolist() == [
+        [twin.pair_id, '{"i": 0}']]
+    assert store.sql("SELECT count(*) AS n FROM pairs").n.iloc[0] == 7
+    links = store.sql('SELECT "row", pair_id FROM dataset_pairs WHERE name = \'toy\' AND version = 1 ORDER BY "row"')
+    assert links.values.tolist() == [[p.row, p.pair_id] for p in [*pairs, twin]]
+    assert store.sql("SELECT line, raw FROM quarantine WHERE dataset_version = 1 ORDER BY line").values.tolist() == [
+        [r.line, r.raw] for r in bad]
+    assert store.register_dataset("toy", "a.jsonl", items).created is False
 
 
 def test_dataset_pairs_round_trip_prompts_and_metadata_in_row_order(tmp_path, monkeypatch):
