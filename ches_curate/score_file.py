@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ches_curate.errors import ChesCurateError
+from ches_curate.errors import ChesCurateError, InputError
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.progress import track_frames
@@ -63,7 +63,12 @@ def score_file(
     frames = scorer.score_batches(pairs)
     if progress:
         frames = track_frames(frames, "scoring")
-    collected = list(frames)
+    try:
+        collected = list(frames)
+    except InputError:
+        raise
+    except ChesCurateError as err:  # a pair the scorer refused: name the file it came from
+        raise ChesCurateError(f"{source}: {err}") from err
     table = (
         pd.concat(collected, ignore_index=True).sort_values("row", ignore_index=True)
         if collected
@@ -71,9 +76,14 @@ def score_file(
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
-    table.to_parquet(partial, index=False)
-    os.replace(partial, output)
-    rejected_path = write_rejected(output, rejected, scorer.failures)
+    try:
+        table.to_parquet(partial, index=False)
+        os.replace(partial, output)
+        rejected_path = write_rejected(output, rejected, scorer.failures)
+    except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
+        partial.unlink(missing_ok=True)
+        raise ChesCurateError(f"cannot write {output}: {err.strerror or err} (free some space or pick another "
+                              "--output, then rerun)") from err
     return ScoreFileSummary(
         output=output,
         model_key=scorer.key,

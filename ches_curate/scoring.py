@@ -82,6 +82,8 @@ class Scorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.failures: list[dict] = []
         """Pairs that could not be scored (with `on_error="quarantine"`): row, pair_id, field, reason."""
+        self.context_length: int | None = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        """Positions the model has; a longer pair is refused, not run (its attention mask alone can need terabytes)."""
 
     def score_batches(self, pairs: Iterable[PreferencePair]) -> Iterator[pd.DataFrame]:
         """Yield one score frame (columns `SCORE_COLUMNS`) per forward batch, streaming the input."""
@@ -103,10 +105,18 @@ class Scorer:
     def _encode(self, pair: PreferencePair) -> _Encoded | None:
         pair_id = pair.pair_id
         try:
-            return _Encoded(pair, pair_id, encode_pair(self.loaded.tokenizer, pair, self.config.max_length))
+            tokens = encode_pair(self.loaded.tokenizer, pair, self.config.max_length)
         except TruncationError as err:
             self._fail(pair, pair_id, "prompt", str(err))
             return None
+        longest = max(len(tokens.chosen_ids), len(tokens.rejected_ids))
+        total = len(tokens.prompt_ids) + longest
+        if self.context_length and total > self.context_length:
+            field = "chosen" if len(tokens.chosen_ids) == longest else "rejected"
+            self._fail(pair, pair_id, field, f"field '{field}' makes the pair {total:,} tokens, more than the model's "
+                       f"context of {self.context_length:,} (pass --max-length {self.context_length} to truncate)")
+            return None
+        return _Encoded(pair, pair_id, tokens)
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Encoded]) -> pd.DataFrame:

@@ -39,8 +39,12 @@ def _load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        # False, not transformers' default None, which asks on the terminal whether to run a tokenizer's own code.
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ChesCurateError(f"tokenizer {name!r} needs its own Python code (auto_map in its config), which "
+                                  "quality never runs; use a tokenizer without custom code") from err
         raise ChesCurateError(f"cannot load tokenizer {name!r}: {err}") from err
 
 
