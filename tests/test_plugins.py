@@ -235,11 +235,9 @@ def test_an_unimportable_plugin_module_is_named():
 
 
 def docs_example_code() -> str:
-    """The python block of the 'Write a filter plugin' section: from README.md once merged there."""
-    readme, section = REPO / "README.md", REPO / "docs" / "sections" / "plugins.md"
+    """The python block of README.md's 'Write a filter plugin' section."""
     heading = re.compile(r"^#+ Write a filter plugin\s*$", re.M)
-    source = readme if readme.exists() and heading.search(readme.read_text()) else section
-    text = source.read_text()
+    text = (REPO / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", text[heading.search(text).end():], re.S)
     return block.group(1)
 
