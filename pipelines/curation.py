@@ -10,7 +10,9 @@ from zenml import Model, pipeline
 
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
 from pipelines import MODEL_NAME, run_pipeline
-from pipelines.steps import export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores
+from pipelines.steps import (
+    curation_report, export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores,
+)
 
 SAMPLE = Path(str(resources.files("ches_curate") / "data" / "hh_rlhf_harmless_sample.jsonl"))
 """300 real hh-rlhf pairs shipped with the package (one with mismatched transcripts, quarantined at ingest)."""
@@ -44,6 +46,7 @@ def curation_pipeline(config: PipelineConfig) -> None:
     score_run, scores_quality = validated_scores(config, skip_if_passed=False)
     _, selection = select_pairs(config.store, score_run, config.policy, after=scores_quality)
     export_curated(config.store, selection, config.export)
+    curation_report(config.store, score_run, selection)
 
 
 def demo_config(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, model: str = "default",

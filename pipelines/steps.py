@@ -17,8 +17,10 @@ from zenml import get_step_context, step
 from zenml.client import Client
 from zenml.enums import MetadataResourceTypes
 from zenml.models import RunMetadataResource
+from zenml.types import HTMLString
 
 from ches_curate import curation, refresh
+from ches_curate.report import build_report
 from ches_curate.incremental import score_dataset
 from ches_curate.pipeline_config import AblationSpec, DatasetSpec, PolicySpec, ScoringSpec
 from ches_curate.store import Store
@@ -113,6 +115,13 @@ def export_curated(store: str, selection_summary: dict, export: str) -> tuple[
     record("export", {"curated_path": str(summary.path.resolve()), "n_pairs": summary.n_pairs,
                       "conversational": summary.conversational})
     return frame, str(summary.path.resolve())
+
+
+@step
+def curation_report(store: str, score_run: dict, selection_summary: dict) -> Annotated[HTMLString, "curation_report"]:
+    """The self-contained HTML report of this selection, shown as the run's visualization."""
+    return HTMLString(build_report(Store(store), score_run["dataset_name"], score_run["dataset_version"],
+                                   score_run["model_key"], selection_summary["selection_id"]))
 
 
 @step

@@ -169,6 +169,8 @@ def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, 
     assert set(curated.prompt) == {prompts[p] for p in kept_ids}
     path = Path(output(first, "export_curated", "curated_path"))
     assert path == pipeline_dir / "out" / "toy_v1.parquet" and len(pd.read_parquet(path)) == 9
+    report = output(first, "curation_report", "curation_report")
+    assert report.startswith("<!DOCTYPE html>") and f"kept {len(kept_ids)}" in report
 
     metadata = first.run_metadata
     assert (metadata["ingest"]["n_pairs"], metadata["selection"]["n_kept"], metadata["scoring"]["n_scored"]) == (
