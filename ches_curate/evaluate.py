@@ -59,7 +59,7 @@ def judge(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[bool]:
     hook = getattr(plugins.plugin_manager().hook, "judge_responses", None)
     # pluggy calls the most recently registered implementation first.
     for impl in reversed(hook.get_hookimpls() if hook is not None else []):
-        verdicts = plugins._guarded(impl.plugin_name, lambda: impl.function(prompts=prompts, responses=responses))
+        verdicts = plugins.call_plugin(impl.plugin_name, lambda: impl.function(prompts=prompts, responses=responses))
         if verdicts is None:
             continue
         verdicts = list(verdicts)

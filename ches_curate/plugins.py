@@ -89,7 +89,7 @@ def load_plugin_module(name: str) -> None:
     Explicit loading ignores `CHES_CURATE_DISABLED_PLUGINS`; loading a module twice is a no-op.
     """
     pm = plugin_manager()
-    module = _guarded(name, lambda: _import(name))
+    module = call_plugin(name, lambda: _import(name))
     if pm.is_registered(module):
         return
     _register(pm, module, name)
@@ -117,7 +117,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str, check: Callabl
             check(obj)
             objects.append(obj)
 
-        _guarded(impl.plugin_name, lambda: impl.function(**{arg: register for arg in impl.argnames}))
+        call_plugin(impl.plugin_name, lambda: impl.function(**{arg: register for arg in impl.argnames}))
         for obj in objects:
             prior = found.get(obj.name)
             if prior is not None:
@@ -142,7 +142,7 @@ def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
         for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
             if ep.name in disabled or ep.module in disabled or dist_key in disabled_dists:
                 continue
-            module = _guarded(ep.name, ep.load, hint=f"set {DISABLED_PLUGINS_ENV}={ep.name} to skip it")
+            module = call_plugin(ep.name, ep.load, hint=f"set {DISABLED_PLUGINS_ENV}={ep.name} to skip it")
             _register(pm, module, ep.name)
 
 
@@ -154,14 +154,14 @@ def _register(pm: pluggy.PluginManager, module: ModuleType, name: str) -> None:
             raise ChesCurateError(f"module '{module.__name__}' has no @hookimpl functions (known hooks: {_hook_names()})")
 
     try:
-        _guarded(name, register_checked)
+        call_plugin(name, register_checked)
     except ChesCurateError:
         if pm.is_registered(module):
             pm.unregister(module)
         raise
 
 
-def _guarded(plugin: str, call: Callable[[], Any], hint: str | None = None) -> Any:
+def call_plugin(plugin: str, call: Callable[[], Any], hint: str | None = None) -> Any:
     """Run plugin code; turn any exception into one line naming the plugin (cause chained)."""
     try:
         return call()
