@@ -85,7 +85,7 @@ def score_dataset(
         raise
     finally:
         failures = scorer.failures[failures_before:]
-        _quarantine_failures(store, dv.name, dv.version, scorer.key, failures)
+        quarantine_scoring_failures(store, dv.name, dv.version, scorer.key, failures)
         store.finish_score_run(run_id, status, n_failed=len(failures))
     return ScoreRunSummary(
         run_id, dv.name, dv.version, scorer.key, status, n_pairs, n_scored, n_skipped, len(failures),
@@ -93,7 +93,7 @@ def score_dataset(
     )
 
 
-def _quarantine_failures(store: Store, name: str, version: int, model_key: str, failures: list[dict]) -> None:
+def quarantine_scoring_failures(store: Store, name: str, version: int, model_key: str, failures: list[dict]) -> None:
     """Quarantine unscorable pairs (stage `scoring`), once per pair and reason even across reruns."""
     rows = [{"dataset_name": name, "dataset_version": version, "stage": "scoring", "pair_id": f["pair_id"],
              "field": f["field"], "reason": f"{f['reason']} (model {model_key}, row {f['row']})"} for f in failures]

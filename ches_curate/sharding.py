@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ches_curate.errors import ChesCurateError
+from ches_curate.incremental import quarantine_scoring_failures
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.models import LoadedModel
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
@@ -238,7 +239,7 @@ def store_merged(store, work_dir: str | os.PathLike, n_shards: int, dataset: str
 
     All scores go in with one `Store.write_scores` call, i.e. one transaction, with
     INSERT OR IGNORE semantics: a pair that already has a score for the model keeps it.
-    The scorer's failures are quarantined with stage `scoring`.
+    The scorer's failures are quarantined with stage `scoring`, once per pair and reason across reruns.
     """
     manifest = read_manifest(work_dir)
     table = merge_parts(work_dir, n_shards, rerun)
@@ -248,11 +249,7 @@ def store_merged(store, work_dir: str | os.PathLike, n_shards: int, dataset: str
     run_params = {**(params or {}), "n_shards": n_shards, "work_dir": os.fspath(work_dir)}
     run_id = store.start_score_run(dataset, version, key, run_params)
     added = store.write_scores(run_id, key, table)
-    store.add_quarantine(
-        {"dataset_name": dataset, "dataset_version": version, "stage": "scoring", "pair_id": f["pair_id"],
-         "field": f["field"], "reason": f"{f['reason']} (model {key}, row {f['row']})"}
-        for f in failures
-    )
+    quarantine_scoring_failures(store, dataset, version, key, failures)
     store.finish_score_run(run_id, "finished", n_failed=len(failures))
     return run_id, added, len(failures)
 
