@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv browser demo test bench clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,12 @@ $(STAMP): requirements.txt pyproject.toml
 demo: venv
 	ZENML_ANALYTICS_OPT_IN=false GX_ANALYTICS_ENABLED=false $(VENV)/bin/ches-curate run curation --config pipelines/configs/demo.yaml
 
-test: venv
+# The report tests load the HTML in Debian's headless chromium; installed here so `make test` is the whole set-up.
+browser:
+	@command -v $${CHROMIUM:-chromium} >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| { echo "cannot install chromium (needs root and apt): install it or set CHROMIUM=/path/to/browser" >&2; exit 1; }
+
+test: venv browser
 	$(PY) -m pytest -q
 
 bench: venv
