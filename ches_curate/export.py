@@ -81,6 +81,7 @@ def export_dataset(
     handle, staging = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     os.close(handle)
     try:
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it 0600; the export gets open()'s usual mode
         n_pairs = (_write_jsonl if kind == "jsonl" else _write_parquet)(records, Path(staging), conversational)
         os.replace(staging, output)
     except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
@@ -90,6 +91,13 @@ def export_dataset(
         if os.path.exists(staging):
             os.unlink(staging)
     return ExportSummary(output, dataset, version, selection_id, n_pairs, conversational)
+
+
+def _umask() -> int:
+    """The process umask; reading it means setting it, so it is put straight back."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _resolve(store: Store, dataset: str | None, version: int | None, selection_id: int | None) -> tuple[str, int]:

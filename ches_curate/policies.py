@@ -6,12 +6,16 @@ pair, `kept` and a `rank` where 1 is the first pair to remove. Policies come fro
 plugins (`register_filter_policies`), the built-ins included; `apply_policy` looks one
 up by name, validates its parameters and checks what it returns.
 
+A dataset may repeat a pair at many rows; a policy sees each `pair_id` once (its first
+row), on a copy it may change freely, and decides per distinct pair.
+
 Ranking is deterministic and independent of row order: removed pairs rank before kept
 ones, each group by score descending, ties broken by `pair_id` (then `row`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ches_curate import plugins
 from ches_curate.errors import ChesCurateError
+from ches_curate.terminal import printable
 
 SCORABLE_COLUMNS = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
 """Columns a policy may rank by; `score_column` names one, with a leading `-` to negate it."""
@@ -67,15 +72,17 @@ class Policy(ABC):
 @dataclass(frozen=True, eq=False)
 class SelectionResult:
     """A policy's decision: `frame` has `pair_id`, `kept` (bool) and `rank` (int, 1 = first to remove),
-    one row per row of the scores table, in the same order.
+    one row per row of the scores table the policy was given, in the same order.
 
-    `apply_policy` fills `policy` and `params` (the validated parameters, JSON-ready).
+    `apply_policy` fills `policy`, `params` (the validated parameters, JSON-ready) and
+    `n_input_rows`, the rows of the caller's table the distinct pairs stand for.
     """
 
     frame: pd.DataFrame
     score_column: str
     policy: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    n_input_rows: int | None = None
 
     @classmethod
     def from_kept(cls, scores: pd.DataFrame, kept: Any, score_column: str) -> SelectionResult:
@@ -95,6 +102,11 @@ class SelectionResult:
     @property
     def n_removed(self) -> int:
         return len(self.frame) - self.n_kept
+
+    @property
+    def n_duplicate_rows(self) -> int:
+        """Input rows beyond the first of each pair (0 unless `apply_policy` saw a pair repeated)."""
+        return 0 if self.n_input_rows is None else self.n_input_rows - len(self.frame)
 
     @property
     def removed_pair_ids(self) -> list[str]:
@@ -206,43 +218,93 @@ def validate_params(policy: Any, params: dict[str, Any]) -> PolicyParams:
         raise ChesCurateError(f"policy '{policy.name}': {'; '.join(problems)}") from None
 
 
-def apply_policy(scores: Any, policy_name: str, params: dict[str, Any] | None = None) -> SelectionResult:
-    """Run the policy `policy_name` on a scores table (pandas DataFrame or Arrow table).
+def distinct_pairs(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per `pair_id`, its first (lowest `row`, else first listed), in the table's order.
 
-    Returns its `SelectionResult`, aligned to `scores` row by row, with the policy name
-    and validated parameters filled in.
+    `Store.scores` lists a pair once per dataset row that holds it; deciding on each
+    copy separately would count one pair many times and store contradictory decisions.
+    """
+    scores = scores.reset_index(drop=True)
+    by_row = scores.sort_values("row", kind="mergesort") if "row" in scores.columns else scores
+    firsts = np.sort(by_row.drop_duplicates("pair_id").index.to_numpy())
+    return scores if len(firsts) == len(scores) else scores.iloc[firsts].reset_index(drop=True)
+
+
+def apply_policy(scores: Any, policy_name: str, params: dict[str, Any] | None = None) -> SelectionResult:
+    """Run the policy `policy_name` on the distinct pairs of a scores table (pandas DataFrame or Arrow table).
+
+    The policy gets a deep copy of `distinct_pairs(scores)`, so nothing it does reaches
+    the caller's table. Its `SelectionResult` must decide every offered pair exactly
+    once; it comes back in the offered order with the policy name, validated
+    parameters and `n_input_rows` filled in.
     """
     if hasattr(scores, "to_pandas"):
         scores = scores.to_pandas()
     entry = get_policy(policy_name)
     validated = validate_params(entry.obj, params or {})
+    offered = distinct_pairs(scores)
+    offered_ids = pd.Index(offered["pair_id"].to_numpy(copy=True), name="pair_id")
     try:
-        result = entry.obj.select(scores, validated)
+        result = entry.obj.select(_private_copy(offered), validated)
     except ChesCurateError:
         raise
     except Exception as err:
         raise ChesCurateError(
             f"policy '{policy_name}' (plugin '{entry.plugin}') failed: {type(err).__name__}: {err}"
         ) from err
-    problem = _result_problem(result, scores)
+    problem = _result_problem(result, offered_ids)
     if problem:
-        raise ChesCurateError(f"policy '{policy_name}' (plugin '{entry.plugin}') returned a bad selection: {problem}")
+        raise ChesCurateError(f"policy '{policy_name}' (plugin '{entry.plugin}') returned {problem}")
+    frame = result.frame.set_index("pair_id").loc[offered_ids, ["kept", "rank"]].reset_index()
     return dataclasses.replace(
-        result, policy=policy_name, params=validated.model_dump(mode="json"), score_column=validated.score_column
+        result, frame=frame, policy=policy_name,
+        params=validated.model_dump(mode="json"), score_column=validated.score_column, n_input_rows=len(scores),
     )
 
 
-def _result_problem(result: Any, scores: pd.DataFrame) -> str | None:
+def _private_copy(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy sharing nothing mutable with `frame`: pandas' deep copy leaves the dicts and
+    message lists of object columns (`metadata`, chat `prompt`) shared, so those are copied too."""
+    copied = frame.copy(deep=True)
+    for column in copied.columns[copied.dtypes == object]:
+        values = copied[column].to_numpy()
+        if any(isinstance(v, (dict, list, np.ndarray)) for v in values):
+            copied[column] = pd.Series([copy.deepcopy(v) for v in values], index=copied.index, dtype=object)
+    return copied
+
+
+def _result_problem(result: Any, offered_ids: pd.Index) -> str | None:
     if not isinstance(result, SelectionResult):
-        return f"expected a SelectionResult, got {type(result).__name__}"
+        return f"a bad selection: expected a SelectionResult, got {type(result).__name__}"
     frame = result.frame
     missing = {"pair_id", "kept", "rank"} - set(frame.columns)
     if missing:
-        return f"frame lacks columns {sorted(missing)}"
-    if len(frame) != len(scores) or not np.array_equal(frame["pair_id"].to_numpy(), scores["pair_id"].to_numpy()):
-        return "frame.pair_id is not aligned to scores.pair_id"
+        return f"a bad selection: frame lacks columns {sorted(missing)}"
+    coverage = _coverage_problems(pd.Index(frame["pair_id"]), offered_ids)
+    if coverage:
+        return (f"a selection of {len(frame):,} pairs for the {len(offered_ids):,} it was offered: {coverage} "
+                "(decide each offered pair once, e.g. SelectionResult.from_kept(scores, kept, score_column))")
     if frame["kept"].dtype != bool:
-        return f"kept has dtype {frame['kept'].dtype}, expected bool"
-    if not np.array_equal(np.sort(frame["rank"].to_numpy()), np.arange(1, len(frame) + 1)):
-        return "rank is not a permutation of 1..n"
+        return f"a bad selection: kept has dtype {frame['kept'].dtype}, expected bool"
+    ranks = frame["rank"]
+    if not pd.api.types.is_integer_dtype(ranks) or not np.array_equal(np.sort(ranks), np.arange(1, len(frame) + 1)):
+        return f"a bad selection: rank is not a permutation of 1..{len(frame)}"
     return None
+
+
+def _coverage_problems(ids: pd.Index, offered_ids: pd.Index) -> str:
+    """What keeps `ids` from listing each offered pair exactly once, as '; '-joined clauses ('' if nothing)."""
+    known = ids.isin(offered_ids)
+    missing = offered_ids[~offered_ids.isin(ids)]
+    unknown = ids[~known].unique()
+    repeated = ids[known & ids.duplicated()].unique()
+    clauses = [
+        (len(missing), "offered pairs missing", missing),
+        (len(unknown), "pair_ids it was not offered", unknown),
+        (len(repeated), "pairs listed more than once", repeated),
+    ]
+    return "; ".join(f"{count:,} {what} (first: {_first_ids(values)})" for count, what, values in clauses if count)
+
+
+def _first_ids(values: Any) -> str:
+    return ", ".join(printable(value)[:16] for value in list(values)[:3])

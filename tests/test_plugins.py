@@ -196,7 +196,9 @@ def test_the_same_plugin_registering_a_name_twice_is_reported(tmp_path):
 @pytest.mark.parametrize(
     ("select", "problem"),
     [
-        ("remove_highest(scores.iloc[:1], 'ches', 1)", "returned a bad selection: frame.pair_id is not aligned to scores.pair_id"),
+        ("remove_highest(scores.iloc[:1], 'ches', 1)", "returned a selection of 1 pairs for the 2 it was offered: 1 offered "
+         "pairs missing (first: p01) (decide each offered pair once, e.g. SelectionResult.from_kept(scores, kept, "
+         "score_column))"),
         ("scores['no_such_column']", "failed: KeyError: 'no_such_column'"),
     ],
 )

@@ -24,6 +24,7 @@ from ches_curate.policies import (
     score_values,
     validate_params,
 )
+from ches_curate.terminal import printable
 
 console = Console()
 
@@ -46,15 +47,15 @@ def policies(
     table.add_column("plugin")
     table.add_column("description, then params (--param name=value)")
     for name, entry in available_policies().items():
-        details = Text(entry.obj.description)
-        details.append("\n" + _params_help(entry.obj.Params), style="cyan")
-        table.add_row(Text(name), Text(entry.plugin), details)
+        details = Text(printable(entry.obj.description))
+        details.append("\n" + printable(_params_help(entry.obj.Params)), style="cyan")
+        table.add_row(Text(printable(name)), Text(printable(entry.plugin)), details)
     console.print(table)
     shared = PolicyParams.model_fields["score_column"]
     console.print(Text(f"Every policy also takes score_column (default {shared.default!r}): {shared.description}"))
     disabled = plugins.disabled_plugins()
     if disabled:
-        console.print(Text(f"disabled by {plugins.DISABLED_PLUGINS_ENV}: {', '.join(sorted(disabled))}"))
+        console.print(Text(printable(f"disabled by {plugins.DISABLED_PLUGINS_ENV}: {', '.join(sorted(disabled))}")))
 
 
 def filter_pairs(
@@ -100,15 +101,19 @@ def filter_pairs(
 def _print_result(selection_id: int, result: SelectionResult, where: str) -> None:
     total = result.n_kept + result.n_removed
     console.print(
-        f"selection [bold]{selection_id}[/]: {escape(result.policy)} {escape(json.dumps(result.params))} "
-        f"on {escape(where)}",
+        f"selection [bold]{selection_id}[/]: {escape(printable(result.policy))} "
+        f"{escape(json.dumps(result.params))} on {escape(printable(where))}",
         highlight=False,
     )
-    console.print(
-        f"kept [bold green]{result.n_kept:,}[/], removed [bold red]{result.n_removed:,}[/] of {total:,} pairs "
-        f"({result.n_removed / total:.1%} removed)",
-        highlight=False,
-    )
+    counts = f"kept [bold green]{result.n_kept:,}[/], removed [bold red]{result.n_removed:,}[/] of {total:,}"
+    if result.n_duplicate_rows:
+        console.print(
+            f"{counts} distinct pairs ({result.n_removed / total:.1%} removed); they stand for "
+            f"{result.n_input_rows:,} input rows ({result.n_duplicate_rows:,} duplicates)",
+            highlight=False,
+        )
+    else:
+        console.print(f"{counts} pairs ({result.n_removed / total:.1%} removed)", highlight=False)
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
@@ -126,26 +131,26 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def removed_table(scores: pd.DataFrame, result: SelectionResult, limit: int) -> Table:
-    """The first `limit` removed pairs with their score and text excerpts (plain text, never rich markup)."""
-    values = score_values(scores, result.score_column)
-    frame = result.frame.assign(score=values, position=range(len(scores)))
-    first = frame[~frame["kept"]].sort_values("rank").head(limit)
+    """The first `limit` removed pairs with their score and text excerpts (plain text, control codes escaped)."""
+    first = result.frame[~result.frame["kept"]].sort_values("rank").head(limit)
+    pairs = scores.drop_duplicates("pair_id").set_index("pair_id").loc[first["pair_id"]].reset_index()
+    values = score_values(pairs, result.score_column)
     table = Table(title=f"first {len(first)} removed pairs (by rank)")
     for column in ("rank", "pair_id", result.score_column, "prompt", "chosen", "rejected"):
         table.add_column(column, justify="right" if column in ("rank", result.score_column) else "left")
-    for row in first.itertuples():
-        pair = scores.iloc[row.position]
+    for rank, value, (_, pair) in zip(first["rank"], values, pairs.iterrows()):
         table.add_row(
-            str(row.rank), pair["pair_id"][:12], f"{row.score:.4g}",
+            str(rank), Text(printable(pair["pair_id"][:12])), f"{value:.4g}",
             *(Text(_excerpt(pair[column])) for column in ("prompt", "chosen", "rejected")),
         )
     return table
 
 
 def _excerpt(value: Any) -> str:
+    """The text on one line, control codes escaped, cut to EXCERPT_CHARS."""
     if isinstance(value, list):
         value = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in value)
-    text = " ".join(str(value).split())
+    text = printable(" ".join(str(value).split()))
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 

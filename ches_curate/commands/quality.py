@@ -10,8 +10,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ches_curate.errors import ChesCurateError
+from ches_curate.terminal import printable
 
 console = Console()
 
@@ -24,14 +26,15 @@ def print_results(frame: pd.DataFrame, title: str) -> None:
     for suite, rows in frame.groupby("suite", sort=False):
         first = rows.iloc[0]
         verdict = "[green]passed[/]" if first.run_success else "[bold red]failed[/]"
-        table = Table(title=f"{title}: suite {suite}, {first.n_rows} rows, {first.failure_rate:.2%} failing "
-                            f"error checks: {verdict}", title_justify="left")
+        table = Table(title=f"{escape(printable(title))}: suite {escape(printable(suite))}, {first.n_rows} rows, "
+                            f"{first.failure_rate:.2%} failing error checks: {verdict}", title_justify="left")
         for column, justify in (("expectation", "left"), ("severity", "left"), ("status", "left"),
                                 ("unexpected", "right")):
             table.add_column(column, justify=justify)
         for row in rows.itertuples():
             count = "-" if pd.isna(row.unexpected_count) else f"{int(row.unexpected_count):,}"
-            table.add_row(escape(row.expectation), row.severity, _STATUS[(bool(row.success), row.severity)], count)
+            status = _STATUS[(bool(row.success), row.severity)]
+            table.add_row(escape(printable(row.expectation)), escape(printable(row.severity)), status, count)
         console.print(table)
 
 
@@ -76,7 +79,8 @@ def register(app: typer.Typer) -> None:
         if show:
             frame = latest_quality_results(store, dataset, version)
             if frame.empty:
-                console.print(f"no quality runs yet for {dataset!r}; run `ches-curate quality --dataset {dataset}`")
+                hint = f"no quality runs yet for {dataset!r}; run `ches-curate quality --dataset {dataset}`"
+                console.print(Text(printable(hint)))
                 return
             print_results(frame, f"latest quality results for {dataset}")
             return
@@ -91,7 +95,7 @@ def register(app: typer.Typer) -> None:
             raise ChesCurateError(failed.headline) from None
         print_results(report.to_frame(), dataset)
         for note in report.notes:
-            console.print(f"[dim]{escape(note)}[/]")
+            console.print(f"[dim]{escape(printable(note))}[/]")
         quarantined = sum(len(s.quarantine) for s in report.suites)
         if quarantined:
             console.print(f"[yellow]{quarantined} failing rows of error expectations recorded in quarantine[/] "

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ches_curate.terminal import printable
+
 console = Console()
 
 
@@ -41,4 +43,5 @@ def report(
     store = Store(db, create=False)
     path = write_report(store, dataset, version, model, selection, output=output, config=ReportConfig(top_pairs=top))
     size_kb = path.stat().st_size / 1024
-    console.print(f"wrote [bold]{escape(str(path))}[/] ({size_kb:,.0f} KiB); open it in a browser", highlight=False)
+    console.print(f"wrote [bold]{escape(printable(path))}[/] ({size_kb:,.0f} KiB); open it in a browser",
+                  highlight=False)

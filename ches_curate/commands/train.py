@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.evaluate import ProbeConfig
+from ches_curate.terminal import printable
 from ches_curate.train import TrainConfig
 
 console = Console()
@@ -68,7 +69,8 @@ def train(
     if not pairs:
         raise ChesCurateError(f"selection {selection} keeps no pairs of dataset '{dv.name}' v{dv.version}")
     loaded = load_model(model)
-    console.print(f"training {escape(loaded.key)} on {len(pairs):,} pairs of '{escape(dv.name)}' v{dv.version}")
+    console.print(f"training {escape(printable(loaded.key))} on {len(pairs):,} pairs of "
+                  f"'{escape(printable(dv.name))}' v{dv.version}")
     result = train_dpo(loaded, None, pairs, config)
     scores = store.scores(dv.name, dv.version, model_key=loaded.key)
     summary = result.displacement(scores if not scores.empty else None)
@@ -82,7 +84,7 @@ def train(
     if result.tokenization_mismatches:
         console.print(f"{result.tokenization_mismatches} pairs were truncated or tokenized by TRL unlike scoring")
     if result.checkpoint_dir:
-        console.print(f"saved to {escape(result.checkpoint_dir)}")
+        console.print(f"saved to {escape(printable(result.checkpoint_dir))}")
 
 
 def probe(
@@ -194,4 +196,4 @@ def parse_policy(item: str) -> tuple[str, dict[str, str]]:
 def _cell(value) -> str:
     if value is None or value != value:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+    return f"{value:.4g}" if isinstance(value, float) else escape(printable(value))
