@@ -4,15 +4,18 @@
 `on_error="quarantine"`, a `RejectedRow` that says which field is wrong and why, so
 no row is dropped silently. Row problems name the file, the 1-based line (JSONL,
 CSV) or row (Parquet, datasets), the field and the fix; file-level problems (a
-missing or empty file, wrong columns or column types) always raise `InputError`.
+missing, unreadable, special or empty file, wrong or repeated columns, wrong column
+types) always raise `InputError`.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +41,12 @@ _REQUIRED = {"prompt_chosen_rejected": ("prompt", "chosen", "rejected"), "conver
 _DETECT_LIMIT = 100
 """Rows read without finding one whose columns fit a format before the file is declared unusable."""
 _BATCH_ROWS = 1024
+MAX_NESTING = 100
+"""Levels of JSON arrays and objects a row may have (the row object is level 1).
+
+Deeper rows are refused when read, so that no later step (metadata JSON, the store,
+export) can run out of Python's recursion limit on them. Parquet and Arrow files
+never get here: their readers refuse deeper schemas first."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +99,10 @@ def read_pairs(source: str | os.PathLike, *, format: str = "auto", on_error: str
 def _open_source(source: str | os.PathLike, requested: str, split: str | None) -> tuple[str, str, Iterator[_Row]]:
     name = os.fspath(source)
     path = Path(name)
-    if path.is_dir():
+    kind = _path_kind(name)
+    if kind == "directory":
         return name, "row", _dataset_rows(name, requested, _load_local_dataset(name, split))
-    if path.is_file():
+    if kind == "file":
         suffix = path.suffix.lower()
         if suffix in _JSONL_SUFFIXES:
             return name, "line", _jsonl_rows(path)
@@ -106,6 +116,50 @@ def _open_source(source: str | os.PathLike, requested: str, split: str | None) -
         dataset_id, _, id_split = source.partition(":")
         return name, "row", _dataset_rows(name, requested, _load_hub_dataset(dataset_id, id_split or split or "train"))
     raise InputError(name, None, None, "does not exist", "check the path; hub dataset ids look like owner/name[:split]")
+
+
+_SPECIAL_FILES = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
+
+
+def _path_kind(name: str) -> str | None:
+    """`file` or `directory` when `name` is one we can read, None when nothing is there; otherwise `InputError`.
+
+    Only `stat` and `lstat` look at a special file, so a named pipe is never opened (which
+    would block until something writes to it).
+    """
+    try:
+        mode = os.stat(name).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise InputError(name, None, None, "is a symbolic link loop",
+                             "point at the file itself, or fix the links") from None
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise InputError(name, None, None, "cannot be read: permission denied (on a folder in its path)",
+                             "fix the permissions or run as a user who can read it") from None
+        if err.errno == errno.ENOTDIR:
+            raise InputError(name, None, None, "does not exist: a part of its path is a file, not a folder",
+                             "check the path") from None
+        if err.errno != errno.ENOENT:
+            raise InputError(name, None, None, f"cannot be read ({err.strerror})") from None
+        if os.path.islink(name):
+            raise InputError(name, None, None, f"is a symbolic link to {os.readlink(name)}, which does not exist",
+                             "fix the link or point at the file itself") from None
+        return None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(name, None, None, f"is {_SPECIAL_FILES.get(stat.S_IFMT(mode), 'a special file')}, "
+                         "not a regular file", "save the pairs to a .jsonl, .csv or .parquet file and pass that")
+    try:
+        if stat.S_ISDIR(mode):
+            os.scandir(name).close()
+        else:
+            open(name, "rb").close()
+    except PermissionError:
+        raise InputError(name, None, None, "cannot be read: permission denied",
+                         "fix its permissions (chmod u+r) or run as a user who can read it") from None
+    except OSError as err:
+        raise InputError(name, None, None, f"cannot be read ({err.strerror})") from None
+    return "directory" if stat.S_ISDIR(mode) else "file"
 
 
 def _items(name: str, unit: str, rows: Iterable[_Row], requested: str,
@@ -323,6 +377,7 @@ def _check_arrow_schema(name: str, schema: Any, requested: str, kind: str) -> No
     """Column names and types of a Parquet file or Arrow-backed dataset, checked before any row is read."""
     import pyarrow as pa
 
+    _check_unique_columns(name, schema.names)
     _check_columns(name, schema.names, requested)
     for key in _REQUIRED["prompt_chosen_rejected"]:
         if key not in schema.names or (key == "prompt" and requested == "hh_rlhf"):
@@ -353,10 +408,30 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
             except json.JSONDecodeError as exc:
                 yield _Row(number, raw, None, _RowProblem(None, f"is malformed JSON ({exc.msg} at column {exc.colno})"))
                 continue
-            if isinstance(record, dict):
-                yield _Row(number, raw, record)
-            else:
+            except RecursionError:  # json's parser recurses once per level of [ and {
+                yield _Row(number, raw, None, _RowProblem(None, _TOO_DEEP))
+                continue
+            if not isinstance(record, dict):
                 yield _Row(number, raw, None, _RowProblem(None, f"must be a JSON object, got {type(record).__name__}"))
+            elif too_deep := next((key for key, value in record.items() if _nesting(value) >= MAX_NESTING), None):
+                yield _Row(number, raw, None, _RowProblem(_printable(too_deep), _TOO_DEEP))
+            else:
+                yield _Row(number, raw, record)
+
+
+_TOO_DEEP = f"is JSON nested too deeply (more than {MAX_NESTING} levels of [ and {{)"
+
+
+def _nesting(value: Any) -> int:
+    """Levels of lists and dicts in `value` (0 for a scalar), counted without recursion, up to `MAX_NESTING`."""
+    depth, level = 0, [value]
+    while depth < MAX_NESTING:
+        containers = [item for item in level if isinstance(item, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
 
 
 def _csv_rows(path: Path, name: str, requested: str) -> Iterator[_Row]:
@@ -375,7 +450,11 @@ def _csv_rows(path: Path, name: str, requested: str) -> Iterator[_Row]:
             header = next(reader, None)
             if header is None:
                 return
+            if not header:
+                raise InputError(name, 1, None, "is blank; the first line must be the header",
+                                 "put the column names, e.g. prompt,chosen,rejected, on line 1")
             header[0] = header[0].removeprefix("\ufeff")
+            _check_unique_columns(name, header, line=1)
             _check_columns(name, header, requested)
             start = reader.line_num + 1
             consumed.clear()
@@ -391,6 +470,16 @@ def _csv_rows(path: Path, name: str, requested: str) -> Iterator[_Row]:
                     yield _Row(number, raw, None, problem)
         except csv.Error as exc:
             raise InputError(name, reader.line_num, None, f"is not valid CSV ({exc})", "fix the quoting") from None
+
+
+def _check_unique_columns(name: str, columns: Iterable[str], line: int | None = None) -> None:
+    """Refuse a file that names a column twice: a row keeps one value per name, so the other would be dropped unseen."""
+    first_at: dict[str, int] = {}
+    for column, key in enumerate(columns, 1):
+        if key in first_at:
+            raise InputError(name, line, _printable(key), f"is a repeated column name (columns {first_at[key]} and "
+                             f"{column})", "rename or remove one of them; which one to keep is not guessed")
+        first_at[key] = column
 
 
 def _arrow_rows(batches: Iterable[Any]) -> Iterator[_Row]:
@@ -427,6 +516,10 @@ def _load_local_dataset(name: str, split: str | None) -> Any:
     except FileNotFoundError:
         raise InputError(name, None, None, "is a directory but not one written by datasets' save_to_disk",
                          "point at a .jsonl, .csv or .parquet file or a saved dataset") from None
+    except PermissionError as err:
+        where = f" on {err.filename}" if err.filename else ""
+        raise InputError(name, None, None, f"cannot be read: permission denied{where}",
+                         "fix the permissions or run as a user who can read it") from None
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded
     split = split or (next(iter(loaded)) if len(loaded) == 1 else "train")

