@@ -4,6 +4,9 @@ DuckDB lets one process hold a database file for writing and refuses every other
 process meanwhile, readers included, with an IOException like `Could not set lock on
 file "x.duckdb": Conflicting lock is held in /usr/bin/python3 (PID 1234)`. Opening
 retries with backoff up to a timeout, then raises `StoreLockedError` naming the holder.
+
+`connect_sandboxed` opens the read-only connection that `ches-curate sql` runs users'
+queries in: DuckDB itself refuses every file, URL, extension and setting change.
 """
 
 from __future__ import annotations
@@ -25,6 +28,27 @@ DEFAULT_MEMORY_LIMIT = "256MB"
 _DISK_FULL = os.strerror(errno.ENOSPC)
 """How DuckDB's errors say the disk is full: 'Could not write file "x.wal": No space left on device'."""
 _LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+SANDBOX_SETTINGS = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "allow_extension_repositories": "forbidden",
+    "python_enable_replacements": False,
+    "lock_configuration": True,
+}
+"""DuckDB settings of the sandbox, applied at connect time.
+
+`enable_external_access=false` refuses every path and URL but the store's own files
+(COPY, EXPORT/IMPORT, ATTACH, read_* and glob, `FROM 'file.csv'`, INSTALL/LOAD, the
+secret directory), whatever statement wraps them (EXPLAIN ANALYZE, PREPARE). The
+extension settings close autoloading. No Python variable is scanned as a table.
+`lock_configuration=true` refuses every SET, RESET and settings PRAGMA, so profiling
+and logging (which write files) stay off and nothing above can be turned back on.
+`allowed_directories`/`allowed_paths` stay empty; `temp_directory` stays DuckDB's
+own `<store>.tmp`, where large sorts spill and which DuckDB removes when it closes.
+"""
 
 
 def lock_timeout() -> float:
@@ -58,12 +82,26 @@ def connect(path: Path, read_only: bool = False, timeout_s: float | None = None)
         con.close()
 
 
+def connect_sandboxed(path: Path, timeout_s: float | None = None) -> duckdb.DuckDBPyConnection:
+    """Open `path` read-only in DuckDB's sandbox (`SANDBOX_SETTINGS`); use it in a `with` to close it.
+
+    A statement can read the store and nothing else: files, URLs, other databases,
+    extensions and settings raise `duckdb.PermissionException` or a "configuration has
+    been locked" `InvalidInputException`. Waits for another process's lock like `connect`.
+    """
+    return _open_retrying(path, True, lock_timeout() if timeout_s is None else timeout_s, SANDBOX_SETTINGS)
+
+
 def open_connection(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    config = {} if read_only else {"memory_limit": memory_limit()}
+    return _open_retrying(path, read_only, timeout_s, config)
+
+
+def _open_retrying(path: Path, read_only: bool, timeout_s: float, config: dict) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:
         try:
-            config = {} if read_only else {"memory_limit": memory_limit()}
             return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.Error as err:
             if not (isinstance(err, duckdb.IOException) and "lock" in str(err).lower()):

@@ -33,15 +33,22 @@ DEFAULT_DB = "ches_curate.duckdb"
 INSERT_BATCH = 10_000
 PAGE_SIZE = 5_000
 SCORE_VALUES = SCORE_COLUMNS[2:]
-WRITES_OUTSIDE_THE_STORE = ("COPY", "COPY_DATABASE", "EXPORT", "ATTACH", "LOAD")
 
 
-def _refuse_writes_outside_the_store(con: duckdb.DuckDBPyConnection, query: str) -> None:
-    """A read-only connection still lets COPY ... TO, EXPORT and ATTACH write files and LOAD run extensions."""
-    for statement in con.extract_statements(query):
-        if statement.type.name in WRITES_OUTSIDE_THE_STORE:
-            raise ChesCurateError(f"{statement.type.name} statements can write files or other databases, or load "
-                                  "extensions, so they need --write (the store is opened read-only)")
+def _sql_error(err: duckdb.Error, write: bool) -> ChesCurateError:
+    """DuckDB's error on one line: its hint and `LINE 1: ...` context kept, the line of carets dropped.
+
+    A refusal by the sandbox or by read-only mode says so, and how to get past it.
+    """
+    message = str(err)
+    lines = [line.strip() for line in message.splitlines() if line.strip().strip("^")] or [type(err).__name__]
+    if not write and (isinstance(err, duckdb.PermissionException) or "configuration has been locked" in message):
+        return ChesCurateError(f"sql: refused by the read-only sandbox: {lines[0]} (reading or writing files outside "
+                               "the store, loading extensions and changing settings are off; use --write to trust "
+                               "this query)")
+    if not write and "read-only mode" in message:
+        return ChesCurateError(f"{lines[0]} (the store is opened read-only; add --write to modify it)")
+    return ChesCurateError(" ".join(lines))
 
 
 def _insert_model(con: duckdb.DuckDBPyConnection, key: str, info: dict[str, Any]) -> None:
@@ -403,16 +410,26 @@ class Store:
             columns = ", ".join(QUARANTINE_FIELDS)
             con.execute(f"INSERT INTO quarantine ({columns}) SELECT {columns} FROM new_quarantine")
 
-    def sql(self, query: str, write: bool = False, params: list | None = None) -> pd.DataFrame:
-        """Run SQL (read-only unless `write`); DuckDB errors become one `ChesCurateError` with DuckDB's message."""
-        with self.connect(read_only=not write) as con:
+    def sql(
+        self, query: str, write: bool = False, params: list | None = None, *, arrow: bool = False
+    ) -> pd.DataFrame | pa.Table:
+        """Run SQL over the store: a DataFrame, or with `arrow` a pyarrow Table (DuckDB's exact types).
+
+        Without `write` the query runs in `connections.connect_sandboxed`: the store is
+        read-only and DuckDB refuses files outside it, URLs, extensions and settings, so
+        no statement (EXPLAIN ANALYZE COPY ..., PREPARE, SET profiling_output) escapes it.
+        `write` opens the usual writable connection and trusts the query. A query without
+        statements and DuckDB's errors become a `ChesCurateError`.
+        """
+        opened = self.connect() if write else connections.connect_sandboxed(self.path, self.lock_timeout_s)
+        with opened as con:
             try:
-                if not write:
-                    _refuse_writes_outside_the_store(con, query)
+                if not con.extract_statements(query):
+                    raise ChesCurateError("sql: no statement to run (the query is empty or only comments)")
+                if arrow:  # a relation streams into Arrow; a DB-API result would copy every row first
+                    relation = con.sql(query, params=params)
+                    return relation.to_arrow_table() if relation is not None else pa.table({})
                 result = con.execute(query, params)
                 return result.df() if result.description else pd.DataFrame()
             except duckdb.Error as err:
-                message = str(err)
-                if not write and "read-only mode" in message:
-                    message = f"{message.splitlines()[0]} (the store is opened read-only; add --write to modify it)"
-                raise ChesCurateError(message) from err
+                raise _sql_error(err, write) from err

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +25,15 @@ DB_HELP = "DuckDB store file (default ./ches_curate.duckdb)."
 SQL_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 200
 """Rows shown by the table format; machine formats write every row."""
+_WRITE_FIXES = {  # how to fix a failed --output write, by errno
+    errno.ENOSPC: "free some space or choose another --output",
+    errno.EDQUOT: "free some space or choose another --output",
+    errno.EACCES: "choose an --output in a directory you can write to",
+    errno.EPERM: "choose an --output in a directory you can write to",
+    errno.EROFS: "choose an --output on a writable file system",
+    errno.ENOENT: "create the directory first",
+    errno.EISDIR: "give --output a file name, not a directory",
+}
 
 
 def _db_option():
@@ -71,25 +85,25 @@ def register(app: typer.Typer) -> None:
             None, "--format", "-f", help="table, csv, json or parquet (default: table on a terminal, csv in a pipe)."
         ),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
-        write: bool = typer.Option(False, "--write", help="Open the store for writing (needed for INSERT, UPDATE, ...)."),
+        write: bool = typer.Option(
+            False, "--write", help="Open the store for writing, outside the sandbox (needed for INSERT, UPDATE, ...): "
+            "the query is trusted and may also read or write any file, attach databases and load extensions."
+        ),
     ) -> None:
-        """Run SQL over the store: read-only unless --write. Tables and views are documented in the README."""
+        """Run SQL over the store. Tables and views are documented in the README.
+
+        Without --write the query runs in DuckDB's read-only sandbox: it can read the store and
+        nothing else (no other files or URLs, no COPY, ATTACH, INSTALL/LOAD, SET or PRAGMA of settings).
+        """
         fmt = _sql_format(format, output)
-        frame = _store(db).sql(query, write=write)
+        result = _store(db).sql(query, write=write, arrow=fmt == "parquet")
         if fmt == "table":
-            _print_table(frame, title=None)
-        elif fmt == "parquet":
-            frame.to_parquet(output, index=False)
-        elif fmt == "csv":
-            frame.to_csv(output or sys.stdout, index=False)
+            _print_table(result, title=None)
+        elif output is None:
+            _write_text(result, fmt, sys.stdout)
         else:
-            text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
-            if output:
-                output.write_text(text + "\n", encoding="utf-8")
-            else:
-                sys.stdout.write(text + "\n")
-        if output:
-            err_console.print(f"wrote {len(frame):,} rows to {output}")
+            _write_atomically(output, lambda path: _write_file(result, fmt, path))
+            err_console.print(f"wrote {len(result):,} rows to {escape(str(output))}")
 
     @app.command()
     def export(
@@ -126,9 +140,96 @@ def _sql_format(format: str | None, output: Path | None) -> str:
     return format
 
 
+def _write_file(result, fmt: str, path: Path) -> None:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, path)
+    else:
+        with path.open("w", encoding="utf-8", newline="") as file:
+            _write_text(result, fmt, file)
+
+
+def _write_text(frame, fmt: str, file) -> None:
+    """CSV or JSON records; LIST and STRUCT cells as JSON (`[1, 2]`), never numpy's `[1 2]`."""
+    if fmt == "csv":
+        _plain_columns(frame, _json_text).to_csv(file, index=False)
+    else:
+        file.write(_plain_columns(frame, _plain).to_json(orient="records", date_format="iso", force_ascii=False,
+                                                         default_handler=str) + "\n")
+
+
+def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
+    """`write(temp)` into a temp file beside `output`, then rename it: a failed write leaves no partial file."""
+    temp = None
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        os.close(handle)
+        temp = Path(name)
+        write(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; a plain open() would honour the umask
+        os.replace(temp, output)
+    except OSError as err:
+        raise ChesCurateError(f"cannot write {output}: {err.strerror or err}; nothing was written "
+                              f"({_WRITE_FIXES.get(err.errno, 'check the path')} and rerun)") from err
+    finally:
+        if temp is not None and temp.exists():
+            temp.unlink()
+
+
+def _plain_columns(frame, render):
+    """`frame` with each nested (LIST, STRUCT, MAP) cell passed through `render`; other cells unchanged."""
+    nested = [i for i, dtype in enumerate(frame.dtypes) if dtype == object
+              and frame.iloc[:, i].map(_is_nested).any()]
+    if not nested:
+        return frame
+    frame = frame.copy()
+    for i in nested:
+        frame.isetitem(i, frame.iloc[:, i].map(lambda value: render(value) if _is_nested(value) else value))
+    return frame
+
+
+def _is_nested(value) -> bool:
+    import numpy as np
+
+    return isinstance(value, (list, tuple, dict, np.ndarray))
+
+
+def _plain(value):
+    """A cell as plain Python for JSON: arrays as lists, masked (NULL) elements and NaN as None."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(value, np.ma.MaskedArray):
+        return [_plain(item) for item in value.tolist()]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
+        return None
+    return value
+
+
+def _json_text(value) -> str:
+    return json.dumps(_plain(value), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def _cell(value) -> str:
     import pandas as pd
 
+    if _is_nested(value):
+        return escape(_json_text(value))
     if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
         return "[dim]NULL[/]"
     if isinstance(value, float):
