@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ches_curate.errors import ChesCurateError
+from ches_curate.errors import ChesCurateError, Interrupted
 
 COMMAND_MODULES = (
     "ches_curate.commands.store",
@@ -55,32 +59,65 @@ def debug_enabled() -> bool:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, print user errors without a traceback."""
+    """Console-script entry point: run the app and exit with a status scripts can rely on.
+
+    0 success; 1 a user error (one red line, a traceback only with --debug); 2 a usage
+    error or bad input data; 3 the store is locked; 70 a bug; 128 + N when signal N
+    stopped the command (130 Ctrl-C, 143 SIGTERM), after saying what was kept.
+    """
     try:
-        app(standalone_mode=False)
+        with _stop_signals_raise():
+            code = app(standalone_mode=False, prog_name="ches-curate")
     except ChesCurateError as err:
         if debug_enabled():
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except (typer.Exit, SystemExit) as done:
-        code = getattr(done, "exit_code", getattr(done, "code", 0))
-        sys.exit(code or 0)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; everything committed so far is kept")
-        sys.exit(130)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
+    except Interrupted as stop:
+        _report_interrupted(stop.signame, stop.kept, stop.resume)
+        sys.exit(stop.exit_code)
+    except typer.TyperException as err:  # Typer's own click: usage errors (exit 2), bad parameters
+        err.show()
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as err:
         if debug_enabled():
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} (rerun with --debug for the traceback)")
+        err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
+                          "(rerun with --debug for the traceback)", highlight=False)
         sys.exit(70)
+    # Without standalone mode Typer returns the code of a `typer.Exit` instead of exiting, and
+    # turns a KeyboardInterrupt that is not ours (a plugin's, say) into 130.
+    if code == 130:
+        _report_interrupted("KeyboardInterrupt", None, None)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While the command runs, SIGINT and SIGTERM raise `Interrupted`, so transactions roll
+    back and score runs are closed on the way out; the previous handlers come back after."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum, signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _report_interrupted(signame: str, kept: str | None, resume: str | None) -> None:
+    kept = kept or "everything committed before it is kept"
+    resume = resume or "rerun the same command to continue"
+    err_console.print(f"[bold yellow]interrupted ({signame}):[/] {escape(kept)}; {escape(resume)}",
+                      highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

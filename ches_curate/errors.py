@@ -38,3 +38,20 @@ class StoreLockedError(ChesCurateError):
     """The DuckDB file is held by another process."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised by the CLI's signal handlers): stop, keeping what is committed.
+
+    A `BaseException`, like `KeyboardInterrupt`, so that `except Exception` does not swallow
+    it; unlike `KeyboardInterrupt`, Typer does not turn it into a silent exit code. Code on
+    the way out may fill `kept` (what stays committed) and `resume` (how to continue); the
+    CLI prints them on one line and exits 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, signame: str):
+        super().__init__(signame)
+        self.signum, self.signame = signum, signame
+        self.exit_code = 128 + signum
+        self.kept: str | None = None
+        self.resume: str | None = None

@@ -14,6 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from ches_curate.errors import Interrupted
 from ches_curate.models import LoadedModel
 from ches_curate.progress import track_frames
 from ches_curate.scoring import Scorer, ScoringConfig
@@ -66,6 +67,7 @@ def score_dataset(
     scorer = model if isinstance(model, Scorer) else Scorer(model, config or ScoringConfig())
     config = scorer.config
     dv = store.dataset_version(dataset, version)
+    store.verify()
     n_pairs, n_skipped = store.score_counts(dv.name, dv.version, scorer.key)
     close_abandoned_runs(store, dv.name, dv.version, scorer.key)
     params = dataclasses.asdict(config) | {"pid": os.getpid(), "host": socket.gethostname()}
@@ -80,6 +82,13 @@ def score_dataset(
         for frame in frames:
             n_scored += store.write_scores(run_id, scorer.key, frame)
         status = "finished"
+    except Interrupted as stop:
+        status = "interrupted"
+        committed = store.score_counts(dv.name, dv.version, scorer.key)[1] - n_skipped  # the store's word, not ours
+        stop.kept = (f"score run {run_id} committed {committed:,} of the {n_pairs - n_skipped:,} pairs it had to "
+                     f"score for '{dv.name}' v{dv.version}")
+        stop.resume = "rerun the same command to score the rest (scored pairs are skipped)"
+        raise
     except KeyboardInterrupt:
         status = "interrupted"
         raise

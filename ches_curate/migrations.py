@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ches_curate import integrity
 from ches_curate.errors import ChesCurateError
 
 NOW_UTC = "(timezone('UTC', current_timestamp))"
@@ -189,15 +190,26 @@ def apply(con, up_to: int = LATEST_VERSION) -> list[int]:
     return applied
 
 
+def _user_tables(con) -> list[str]:
+    return [row[0] for row in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND NOT temporary "
+        "UNION ALL SELECT view_name FROM duckdb_views() WHERE database_name = current_database() AND NOT internal"
+    ).fetchall()]
+
+
 def ensure_latest(path: Path, connect: Callable) -> None:
     """Bring the database at `path` to the latest schema, creating it if missing.
 
     An up-to-date file is only opened read-only, so readers never take the write lock.
-    A file from a newer ches-curate is refused rather than guessed at.
+    A file from a newer ches-curate is refused rather than guessed at; so are a truncated
+    file and a DuckDB database that is not a store (our tables are never added to it).
     """
     if path.exists():
         with connect(read_only=True) as con:
+            integrity.check_file_size(con, path)
             version = current_version(con)
+            if version == 0 and (tables := _user_tables(con)):
+                raise integrity.foreign_database_error(path, tables)
         if version == LATEST_VERSION:
             return
         if version > LATEST_VERSION:

@@ -165,13 +165,20 @@ def call_plugin(plugin: str, call: Callable[[], Any], hint: str | None = None) -
     """Run plugin code; turn any exception into one line naming the plugin (cause chained)."""
     try:
         return call()
-    except Exception as err:
-        detail = str(err) if isinstance(err, ChesCurateError) else f"{type(err).__name__}: {err}"
+    except (Exception, SystemExit) as err:  # a plugin's sys.exit() must not end the command as a success
+        detail = str(err) if isinstance(err, ChesCurateError) else describe_failure(err)
         if isinstance(err, pluggy.PluginValidationError):
             lines = re.sub(r" in plugin <.*>$", "", str(err), flags=re.S).splitlines()
             detail = "; ".join(lines[1:] if lines[0].startswith("Plugin ") else lines) + f" (known hooks: {_hook_names()})"
         suffix = f" ({hint})" if hint else ""
         raise ChesCurateError(f"plugin '{plugin}' failed: {detail}{suffix}") from err
+
+
+def describe_failure(err: BaseException) -> str:
+    """What plugin code raised, for one line: `KeyError: 'x'`, or `called sys.exit(0)`."""
+    if isinstance(err, SystemExit):
+        return f"called sys.exit({err.code!r}) (a plugin must raise an exception, not exit)"
+    return f"{type(err).__name__}: {err}"
 
 
 def _hook_names() -> str:

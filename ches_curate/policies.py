@@ -248,9 +248,9 @@ def apply_policy(scores: Any, policy_name: str, params: dict[str, Any] | None = 
         result = entry.obj.select(_private_copy(offered), validated)
     except ChesCurateError:
         raise
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # a plugin's sys.exit() must not end the command as a success
         raise ChesCurateError(
-            f"policy '{policy_name}' (plugin '{entry.plugin}') failed: {type(err).__name__}: {err}"
+            f"policy '{policy_name}' (plugin '{entry.plugin}') failed: {plugins.describe_failure(err)}"
         ) from err
     problem = _result_problem(result, offered_ids)
     if problem:

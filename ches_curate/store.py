@@ -20,8 +20,9 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ches_curate import connections, migrations
+from ches_curate import connections, integrity, migrations
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.records import (
@@ -35,12 +36,14 @@ PAGE_SIZE = 5_000
 SCORE_VALUES = SCORE_COLUMNS[2:]
 
 
-def _sql_error(err: duckdb.Error, write: bool) -> ChesCurateError:
+def _sql_error(err: duckdb.Error, write: bool, path: Path) -> ChesCurateError:
     """DuckDB's error on one line: its hint and `LINE 1: ...` context kept, the line of carets dropped.
 
     A refusal by the sandbox or by read-only mode says so, and how to get past it.
     """
     message = str(err)
+    if integrity.is_damage(err):
+        return integrity.damaged_error(path, message)
     lines = [line.strip() for line in message.splitlines() if line.strip().strip("^")] or [type(err).__name__]
     if not write and (isinstance(err, duckdb.PermissionException) or "configuration has been locked" in message):
         return ChesCurateError(f"sql: refused by the read-only sandbox: {lines[0]} (reading or writing files outside "
@@ -54,6 +57,19 @@ def _sql_error(err: duckdb.Error, write: bool) -> ChesCurateError:
 def _insert_model(con: duckdb.DuckDBPyConnection, key: str, info: dict[str, Any]) -> None:
     con.execute("INSERT OR IGNORE INTO models (model_key, name, revision, file_hash, dtype) VALUES (?, ?, ?, ?, ?)",
                 [key, info.get("name"), info.get("revision"), info.get("file_hash"), info.get("dtype")])
+
+
+def _no_valid_pairs(source: str, rejected: ParquetSpill) -> ChesCurateError:
+    """No version is made of a source without one valid pair: `filter` and `export` would take it as the latest."""
+    if not rejected.num_rows:
+        return ChesCurateError(f"{source}: no preference pairs found; nothing was stored")
+    first = pq.read_table(rejected.path).slice(0, 1).to_pylist()[0]
+    where = f"line {first['line']}: " if first.get("line") is not None else ""
+    what = f"field '{first['field']}' {first['reason']}" if first.get("field") else first["reason"]
+    return ChesCurateError(
+        f"{source}: no valid pairs: all {rejected.num_rows:,} rows failed (first: {where}{what}); no version was "
+        "stored. Fix the file (or check --format) and ingest again"
+    )
 
 
 def default_path() -> Path:
@@ -81,9 +97,17 @@ class Store:
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits up to `lock_timeout_s` for another process's lock."""
-        with connections.connect(self.path, read_only, self.lock_timeout_s) as con:
-            yield con
+        """A short-lived connection; waits up to `lock_timeout_s` for another process's lock.
+
+        DuckDB's errors about a damaged file become one `DamagedStoreError` line.
+        """
+        try:
+            with connections.connect(self.path, read_only, self.lock_timeout_s) as con:
+                yield con
+        except duckdb.Error as err:
+            if integrity.is_damage(err):
+                raise integrity.damaged_error(self.path, str(err)) from err
+            raise
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -114,11 +138,14 @@ class Store:
         temporary Parquet files, so memory stays flat, and the version itself appears
         in one transaction.
         """
+        self.verify()
         digest = ContentHash()
         with tempfile.TemporaryDirectory(prefix="ches_curate_ingest_") as spill_dir:
             links = ParquetSpill(Path(spill_dir) / "links.parquet", LINK_SCHEMA)
             rejected = ParquetSpill(Path(spill_dir) / "rejected.parquet", QUARANTINE_SCHEMA)
             self._store_pairs(items, digest, links, rejected)
+            if not links.num_rows:
+                raise _no_valid_pairs(source or name, rejected)
             content_hash = digest.hexdigest()
             with self._transaction() as con:
                 latest = con.execute(
@@ -135,6 +162,11 @@ class Store:
                 )
                 self._add_version_rows(con, name, version, links, rejected)
         return DatasetVersion(name, version, links.num_rows, rejected.num_rows, True, content_hash, source)
+
+    def verify(self) -> None:
+        """Read every block of the store (DuckDB checks each checksum); a damaged store raises before any write."""
+        with self.connect(read_only=True) as con:
+            integrity.verify_blocks(con, self.path)
 
     @staticmethod
     def _add_version_rows(
@@ -432,4 +464,4 @@ class Store:
                 result = con.execute(query, params)
                 return result.df() if result.description else pd.DataFrame()
             except duckdb.Error as err:
-                raise _sql_error(err, write) from err
+                raise _sql_error(err, write, self.path) from err

@@ -519,13 +519,14 @@ def small_store(tmp_path_factory) -> Path:
     return db
 
 
+SANDBOX = "refused by the read-only sandbox"
 SQL_WRITES = {
-    "COPY (SELECT * FROM pairs) TO '{dir}/leak.csv'": "COPY statements can write files",
-    "EXPORT DATABASE '{dir}/dump'": "EXPORT statements can write files",
-    "ATTACH '{dir}/other.duckdb' AS other (READ_WRITE)": "ATTACH statements can write files",
-    "INSTALL httpfs": "LOAD statements can write files or other databases, or load extensions",
-    "LOAD '{dir}/evil.duckdb_extension'": "LOAD statements",
-    "SELECT 1; COPY pairs TO '{dir}/leak.parquet'": "COPY statements",
+    "COPY (SELECT * FROM pairs) TO '{dir}/leak.csv'": SANDBOX,
+    "EXPORT DATABASE '{dir}/dump'": SANDBOX,
+    "ATTACH '{dir}/other.duckdb' AS other (READ_WRITE)": SANDBOX,
+    "INSTALL httpfs": SANDBOX,
+    "LOAD '{dir}/evil.duckdb_extension'": SANDBOX,
+    "SELECT 1; COPY pairs TO '{dir}/leak.parquet'": SANDBOX,
     "DELETE FROM pairs": "add --write to modify it",
     "UPDATE datasets SET n_pairs = 0": "add --write to modify it",
     "DROP TABLE scores": "add --write to modify it",
