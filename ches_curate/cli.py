@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ches_curate.errors import ChesCurateError, Interrupted
+from ches_curate.terminal import printable
 
 COMMAND_MODULES = (
     "ches_curate.commands.store",
@@ -71,7 +72,7 @@ def main() -> None:
     except ChesCurateError as err:
         if debug_enabled():
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(printable(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except Interrupted as stop:
         _report_interrupted(stop.signame, stop.kept, stop.resume)
@@ -84,7 +85,7 @@ def main() -> None:
     except Exception as err:
         if debug_enabled():
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
+        err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(printable(err))} "
                           "(rerun with --debug for the traceback)", highlight=False)
         sys.exit(70)
     # Without standalone mode Typer returns the code of a `typer.Exit` instead of exiting, and

@@ -273,3 +273,22 @@ def test_quality_tables_escape_expectation_names(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "custom \\x1b[31mcheck" in out and "toy \\x1b]0;t\\x07" in out
     assert "\x1b" not in out and "\x07" not in out
+
+
+def test_sql_tables_ingest_lines_and_errors_escape_control_codes(tmp_path, monkeypatch):
+    from ches_curate.commands import store as store_commands
+    from tests.reliability_helpers import run_cli
+
+    monkeypatch.setattr(store_commands.console, "width", 250)
+    pairs = tmp_path / "hostile.jsonl"
+    pairs.write_text(json.dumps({"prompt": HOSTILE, "chosen": "yes", "rejected": "no"}) + "\n"
+                     + json.dumps({"prompt": "p", "chosen": HOSTILE, "rejected": ""}) + "\n")
+    db = tmp_path / "s.duckdb"
+    ingested = run_cli("ingest", pairs, "--dataset", "name \x1b[2J", "--on-error", "quarantine", "--db", db)
+    table = run_cli("sql", "SELECT prompt FROM pairs", "--format", "table", "--db", db)
+    failed = run_cli("ingest", pairs, "--dataset", "x", "--db", db)
+    missing = run_cli("sql", "SELECT \"\x1b[31mred\" FROM pairs", "--db", db)  # the error quotes the query
+    assert "name \\x1b[2J" in ingested.stdout and SHOWN in table.stdout
+    assert failed.code == 2 and missing.code == 1 and "\\x1b[31mred" in missing.stderr
+    for run in (ingested, table, failed, missing):
+        assert not any(ch in run.output for ch in "\x1b\x07\x9b\u202e"), run.output

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ches_curate.errors import ChesCurateError
+from ches_curate.terminal import printable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -64,9 +65,10 @@ def register(app: typer.Typer) -> None:
         dv = store.register_dataset(dataset, str(source), read_pairs(source, format=format, on_error=on_error))
         counts = f"{dv.n_pairs:,} pairs, {dv.n_quarantined:,} quarantined"
         if dv.created:
-            console.print(f"dataset [bold]{escape(dv.name)}[/] v{dv.version}: {counts} (new version) in {store.path}")
+            console.print(f"dataset [bold]{escape(printable(dv.name))}[/] v{dv.version}: {counts} (new version) in "
+                          f"{escape(printable(store.path))}")
         else:
-            console.print(f"dataset [bold]{escape(dv.name)}[/] unchanged: same content as v{dv.version} ({counts})")
+            console.print(f"dataset [bold]{escape(printable(dv.name))}[/] unchanged: same content as v{dv.version} ({counts})")
 
     @app.command("datasets")
     def list_datasets(db: Optional[Path] = _db_option()) -> None:
@@ -229,12 +231,12 @@ def _cell(value) -> str:
     import pandas as pd
 
     if _is_nested(value):
-        return escape(_json_text(value))
+        return escape(printable(_json_text(value)))
     if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
         return "[dim]NULL[/]"
     if isinstance(value, float):
         return f"{value:.6g}"
-    return escape(str(value))
+    return escape(printable(value))
 
 
 def _print_table(frame, title: str | None) -> None:
