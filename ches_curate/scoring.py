@@ -2,23 +2,28 @@
 
 Why it is fast:
 - the base model runs without the LM head (no logits: CHES needs hidden states only);
-- the prompt is run once per pair and its KV cache serves both responses
-  (hh-rlhf prompts are long: this alone saves ~1.5x tokens);
-- a response's last token (EOS) is never fed: only positions P-1 … P+|y|-2 predict
-  response tokens, and position P-1 is the prompt's last;
-- pairs read ahead are bucketed by length so padding stays small.
+- each pair is one row `[prompt | chosen[:-1] | rejected[:-1]]` under a block attention
+  mask: the prompt is causal, each response sees the prompt and its own earlier tokens
+  (never the other response), and both responses' position ids start at P. The prompt
+  is fed once, with no KV cache to copy; a response's last token (EOS) predicts nothing
+  CHES uses, so it is never fed;
+- batches are cut by a token budget (padding included) from length-sorted read-ahead,
+  so short pairs share a pass and long ones do not drag padding along.
+Models that take no custom 4D mask (sliding-window layers, flash attention, ALiBi)
+reuse the prompt's KV cache for both responses instead.
 
-Why it is exact: explicit attention masks and position ids make padding invisible
-(right or left), and hidden states are summed in float64, so results do not depend
-on batch size, padding side or prompt sharing beyond float32 kernel rounding.
+Why it is exact: masks and position ids make padding and the other response invisible,
+and hidden states are summed in float64, so results do not depend on batching, padding
+side or prompt sharing beyond float32 kernel rounding.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import pandas as pd
 import torch
@@ -28,15 +33,24 @@ from ches_curate.ches import ches_scores, last_hidden_inner_product
 from ches_curate.errors import ChesCurateError
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
+from ches_curate.progress import Throughput
 from ches_curate.tokenization import EncodedPair, TruncationError, encode_pair
+
+logger = logging.getLogger(__name__)
+
+# Tokens per forward pass, padding included. On CPU a pass is already at the matmul rate
+# with ~200 tokens, so a small budget only groups short pairs; a GPU needs large passes.
+DEFAULT_BATCH_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 16384}
 
 
 @dataclass
 class ScoringConfig:
-    """How to score. Results do not depend on `batch_size`, `padding_side` or `share_prompt`."""
+    """How to score. Results do not depend on batching, `padding_side` or `share_prompt`."""
 
-    batch_size: int = 8
-    """Pairs per forward pass."""
+    max_batch_tokens: int | None = None
+    """Tokens per forward pass, padding included (a longer pair runs alone); None: by device, see DEFAULT_BATCH_TOKENS."""
+    batch_size: int | None = None
+    """Optional cap on pairs per forward pass."""
     max_length: int | None = None
     """Cap on prompt + response tokens; longer pairs keep the prompt's end and the responses' start."""
     device: str = "auto"
@@ -44,7 +58,9 @@ class ScoringConfig:
     dtype: str = "float32"
     """Model weights and activations: float32, bfloat16 or float16 (sums are always float64)."""
     share_prompt: bool = True
-    """Run each prompt once and reuse its KV cache for both responses."""
+    """Feed each prompt once for both responses; False runs prompt + response twice (the paper's way, for checking)."""
+    prompt_sharing: str = "auto"
+    """`block` (one row per pair under a block mask), `cache` (the prompt's KV cache), or `auto`: block if the model takes it."""
     padding_side: str = "right"
     """Where padding goes inside a batch; only for testing that it does not matter."""
     bucket_batches: int = 16
@@ -52,6 +68,8 @@ class ScoringConfig:
     on_error: str = "fail"
     """`fail` stops at the first pair that cannot be scored; `quarantine` records it in `Scorer.failures`."""
     trust_remote_code: bool = False
+    progress_every_s: float = 30.0
+    """Seconds between progress lines (pairs, tokens/s, ETA) on the `ches_curate.scoring` logger."""
 
 
 @dataclass
@@ -60,42 +78,90 @@ class _Encoded:
     pair_id: str
     tokens: EncodedPair
 
+    @property
+    def fed(self) -> int:
+        """Tokens a shared-prompt pass feeds: P + |y+| - 1 + |y-| - 1."""
+        t = self.tokens
+        return len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) - 2
+
 
 class Scorer:
     """Scores pairs with one loaded model; `key` identifies the model, revision and dtype."""
 
     def __init__(self, model: str | LoadedModel = "default", config: ScoringConfig | None = None):
         self.config = config or ScoringConfig()
-        if self.config.padding_side not in ("left", "right"):
-            raise ChesCurateError(f"padding_side must be 'left' or 'right', not {self.config.padding_side!r}")
-        if self.config.on_error not in ("fail", "quarantine"):
-            raise ChesCurateError(f"on_error must be 'fail' or 'quarantine', not {self.config.on_error!r}")
+        for name, allowed in (("padding_side", ("left", "right")), ("on_error", ("fail", "quarantine")),
+                              ("prompt_sharing", ("auto", "block", "cache"))):
+            if getattr(self.config, name) not in allowed:
+                raise ChesCurateError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self.config, name)!r}")
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
             self.loaded = load_model(model, self.config.device, self.config.dtype, self.config.trust_remote_code)
         self.key = self.loaded.key
         self.base = self.loaded.model.base_model
-        # transformers 5.x renamed `past_key_values` to `cache`; accept both.
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         tokenizer = self.loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.failures: list[dict] = []
         """Pairs that could not be scored (with `on_error="quarantine"`): row, pair_id, field, reason."""
         self.context_length: int | None = getattr(self.loaded.model.config, "max_position_embeddings", None)
         """Positions the model has; a longer pair is refused, not run (its attention mask alone can need terabytes)."""
+        device_type = torch.device(self.loaded.device).type
+        self.max_batch_tokens = self.config.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(device_type, 4096)
+        self.mode = self._pick_mode()
+        """`block`, `cache` or `unshared`: how prompts are fed (see the module docstring)."""
 
-    def score_batches(self, pairs: Iterable[PreferencePair]) -> Iterator[pd.DataFrame]:
-        """Yield one score frame (columns `SCORE_COLUMNS`) per forward batch, streaming the input."""
-        size = self.config.batch_size * self.config.bucket_batches
+    def score_batches(self, pairs: Iterable[PreferencePair], total: int | None = None) -> Iterator[pd.DataFrame]:
+        """Yield one score frame (columns `SCORE_COLUMNS`) per forward batch, streaming the input.
+
+        Each frame's `attrs["tokens"]` is the tokens fed for it (padding excluded). Every
+        `progress_every_s` a line with pairs done, tokens/s and (given `total` pairs) the ETA
+        goes to the `ches_curate.scoring` logger.
+        """
+        throughput = Throughput(total)
+        next_report = time.monotonic() + self.config.progress_every_s
+        for batch in self._batches(pairs):
+            frame = self._score_batch(batch)
+            throughput.add(len(frame), frame.attrs["tokens"])
+            if time.monotonic() >= next_report:
+                logger.info("scoring: %s", throughput.describe())
+                next_report = time.monotonic() + self.config.progress_every_s
+            if len(frame):
+                yield frame
+        if throughput.pairs:
+            logger.info("scored %s", throughput.describe())
+
+    def _batches(self, pairs: Iterable[PreferencePair]) -> Iterator[list[_Encoded]]:
+        """Read ahead `bucket_batches` batches' worth, sort by length, cut by token budget and `batch_size`."""
+        cap = self.config.batch_size or float("inf")
+        ahead_tokens = self.config.bucket_batches * self.max_batch_tokens
+        ahead_pairs = self.config.bucket_batches * cap
         iterator = iter(pairs)
-        while chunk := list(islice(iterator, size)):
-            encoded = [e for e in map(self._encode, chunk) if e is not None]
-            encoded.sort(key=lambda e: len(e.tokens.prompt_ids) + max(len(e.tokens.chosen_ids), len(e.tokens.rejected_ids)))
-            for start in range(0, len(encoded), self.config.batch_size):
-                frame = self._score_batch(encoded[start : start + self.config.batch_size])
-                if len(frame):
-                    yield frame
+        while True:
+            chunk, tokens = [], 0
+            for pair in iterator:
+                if (encoded := self._encode(pair)) is not None:
+                    chunk.append(encoded)
+                    tokens += encoded.fed
+                if tokens >= ahead_tokens or len(chunk) >= ahead_pairs:
+                    break
+            if not chunk:
+                return
+            chunk.sort(key=self._row_length)
+            batch: list[_Encoded] = []
+            for encoded in chunk:
+                cost = (len(batch) + 1) * self._row_length(encoded) * (1 if self.mode == "block" else 2)
+                if batch and (cost > self.max_batch_tokens or len(batch) >= cap):
+                    yield batch
+                    batch = []
+                batch.append(encoded)
+            yield batch
+
+    def _row_length(self, encoded: _Encoded) -> int:
+        t = encoded.tokens
+        if self.mode == "block":
+            return encoded.fed
+        return len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) - 1
 
     def _fail(self, pair: PreferencePair, pair_id: str, field: str | None, reason: str) -> None:
         if self.config.on_error == "fail":
@@ -121,10 +187,9 @@ class Scorer:
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Encoded]) -> pd.DataFrame:
         tokens = [e.tokens for e in batch]
-        if self.config.share_prompt:
-            sums, lasts = self._hidden_sums_shared(tokens)
-        else:
-            sums, lasts = self._hidden_sums_unshared(tokens)
+        hidden_sums = {"block": self._hidden_sums_block, "cache": self._hidden_sums_cached,
+                       "unshared": self._hidden_sums_unshared}[self.mode]
+        sums, lasts = hidden_sums(tokens)
         chosen_len = torch.tensor([len(t.chosen_ids) for t in tokens], dtype=torch.float64)
         rejected_len = torch.tensor([len(t.rejected_ids) for t in tokens], dtype=torch.float64)
         chosen_sum, rejected_sum = sums[0::2].cpu(), sums[1::2].cpu()
@@ -141,71 +206,146 @@ class Scorer:
                  values[2], normalized_edit_distance(e.tokens.chosen_ids, e.tokens.rejected_ids), e.tokens.truncated)
             )
         frame = pd.DataFrame(rows, columns=["row", "pair_id", "ches", "ln_ches", "chosen_tokens", "rejected_tokens",
-                                            "last_hidden_ip", "edit_distance", "truncated"])
-        return frame[list(SCORE_COLUMNS)]
+                                            "last_hidden_ip", "edit_distance", "truncated"])[list(SCORE_COLUMNS)]
+        fed = sum(e.fed for e in batch)
+        frame.attrs["tokens"] = fed if self.mode != "unshared" else fed + sum(len(t.prompt_ids) for t in tokens)
+        return frame
 
-    def _pad(self, sequences: list[list[int]], prefix_mask: torch.Tensor | None = None):
-        """Pad to a (rows, longest) id tensor and its 0/1 mask, on the configured side."""
-        device = self.loaded.device
+    def _pick_mode(self) -> str:
+        if not self.config.share_prompt:
+            return "unshared"
+        if self.config.prompt_sharing != "auto":
+            return self.config.prompt_sharing
+        return "block" if _takes_block_mask(self.loaded.model) and self._block_mask_probe() else "cache"
+
+    def _block_mask_probe(self) -> bool:
+        """Check the block mask on one short pair against two plain passes: a model may accept and misread it."""
+        vocab = self.loaded.model.config.vocab_size
+        probe = EncodedPair([v % vocab for v in range(5, 12)], [13 % vocab, 17 % vocab, 19 % vocab],
+                            [23 % vocab, 29 % vocab], truncated=False)
+        with torch.inference_mode():
+            block, _ = self._hidden_sums_block([probe])
+            plain, _ = self._hidden_sums_unshared([probe])
+        tolerance = 1e-4 if self.loaded.model.dtype in (torch.float32, torch.float64) else 3e-2
+        works = bool(((block - plain).norm() <= tolerance * plain.norm()).item())
+        if not works:
+            logger.warning("%s misreads a block attention mask; reusing the prompt's KV cache instead", self.key)
+        return works
+
+    def _pad(self, sequences: list[list[int]], fill: int, left: bool | None = None) -> torch.Tensor:
+        """A (rows, longest) tensor of `sequences`, padded with `fill` on the configured side."""
+        left = self.config.padding_side == "left" if left is None else left
         longest = max(map(len, sequences))
-        ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        left = self.config.padding_side == "left" and prefix_mask is None
+        out = torch.full((len(sequences), longest), fill, dtype=torch.long)
         for row, seq in enumerate(sequences):
-            span = slice(longest - len(seq), longest) if left else slice(0, len(seq))
-            ids[row, span] = torch.tensor(seq, dtype=torch.long)
-            mask[row, span] = 1
-        return ids.to(device), mask.to(device)
+            out[row, slice(longest - len(seq), longest) if left else slice(0, len(seq))] = torch.tensor(seq, dtype=torch.long)
+        return out
 
-    def _hidden_sums_shared(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows 2i / 2i+1 = chosen / rejected of pair i: float64 sums and the last predicting state."""
+    def _hidden_sums_block(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 2i / 2i+1 = chosen / rejected of pair i: float64 sums and the last predicting state.
+
+        Pair i is row i, `[prompt | chosen[:-1] | rejected[:-1]]`, with branch 0 / 1 / 2 for
+        the three parts. Token q sees token k iff k <= q and k is in the prompt or in q's own
+        response; a padding token (branch -1) sees only padding, so its state stays finite.
+        """
         device = self.loaded.device
-        prompt_ids, prompt_mask = self._pad([t.prompt_ids for t in tokens])
+        ids, positions, branches, predicting, owners, lasts = [], [], [], [], [], []
+        for t in tokens:
+            p, c, r = len(t.prompt_ids), len(t.chosen_ids) - 1, len(t.rejected_ids) - 1
+            ids.append(t.prompt_ids + t.chosen_ids[:-1] + t.rejected_ids[:-1])
+            positions.append([*range(p), *range(p, p + c), *range(p, p + r)])
+            branches.append([0] * p + [1] * c + [2] * r)
+        ids_t = self._pad(ids, self.pad_id)
+        width = ids_t.shape[1]
+        for row, t in enumerate(tokens):
+            p, c, r = len(t.prompt_ids), len(t.chosen_ids) - 1, len(t.rejected_ids) - 1
+            # Position p-1 (the prompt's last token) predicts the first token of both responses.
+            start = row * width + (width - p - c - r if self.config.padding_side == "left" else 0) + p - 1
+            chosen = [start, *range(start + 1, start + 1 + c)]
+            rejected = [start, *range(start + 1 + c, start + 1 + c + r)]
+            predicting += chosen + rejected
+            owners += [2 * row] * len(chosen) + [2 * row + 1] * len(rejected)
+            lasts += [chosen[-1], rejected[-1]]
+        branch = self._pad(branches, -1).to(device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        seen = (branch.unsqueeze(1) == 0) & (branch.unsqueeze(2) != -1) | (branch.unsqueeze(1) == branch.unsqueeze(2))
+        dtype = self.loaded.model.dtype
+        mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~(seen & causal), torch.finfo(dtype).min)
+        hidden = self.base(input_ids=ids_t.to(device), position_ids=self._pad(positions, 0).to(device),
+                           attention_mask=mask.unsqueeze(1)).last_hidden_state
+        return _gather_sums(hidden, predicting, owners, lasts, 2 * len(tokens))
+
+    def _hidden_sums_cached(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same sums with the prompt run once and its KV cache repeated for both responses."""
+        device = self.loaded.device
+        prompt_ids = self._pad([t.prompt_ids for t in tokens], self.pad_id)
+        prompt_mask = self._pad([[1] * len(t.prompt_ids) for t in tokens], 0)
         prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+        out = self.base(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                        position_ids=prompt_pos.to(device), use_cache=True)
         prompt_lens = prompt_mask.sum(-1)
         last_prompt = prompt_pos.shape[1] - 1 if self.config.padding_side == "left" else prompt_lens - 1
-        rows = torch.arange(len(tokens), device=device)
+        rows = torch.arange(len(tokens))
         prompt_last = out.last_hidden_state[rows, last_prompt].repeat_interleave(2, dim=0)
-        sums = prompt_last.double()
-        lasts = prompt_last.clone()
-        # Feed each response without its last token: only y_<k predicts, and y_|y| predicts nothing we need.
+        sums, lasts = prompt_last.double(), prompt_last.clone()
         responses = [ids[:-1] for t in tokens for ids in (t.chosen_ids, t.rejected_ids)]
         if max(map(len, responses)) == 0:
             return sums, lasts
-        cache = out.cache if self._cache_arg == "cache" else out.past_key_values
+        # transformers 5.x renamed `past_key_values` to `cache`; accept both.
+        cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        cache = out.cache if cache_arg == "cache" else out.past_key_values
         cache.batch_repeat_interleave(2)
-        resp_ids, resp_mask = self._pad([r or [self.pad_id] for r in responses], prefix_mask=prompt_mask)
-        resp_mask = resp_mask * torch.tensor([len(r) > 0 for r in responses], device=device).unsqueeze(1)
-        resp_pos = prompt_lens.repeat_interleave(2).unsqueeze(1) + torch.arange(resp_ids.shape[1], device=device)
+        resp_ids = self._pad([r or [self.pad_id] for r in responses], self.pad_id, left=False)
+        resp_mask = self._pad([[1] * len(r) for r in responses], 0, left=False)
+        resp_pos = prompt_lens.repeat_interleave(2).unsqueeze(1) + torch.arange(resp_ids.shape[1])
         full_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), resp_mask], dim=1)
-        hidden = self.base(
-            input_ids=resp_ids, attention_mask=full_mask, position_ids=resp_pos, use_cache=True, **{self._cache_arg: cache}
-        ).last_hidden_state
-        sums = sums + (hidden.double() * resp_mask.unsqueeze(-1)).sum(dim=1)
+        hidden = self.base(input_ids=resp_ids.to(device), attention_mask=full_mask.to(device),
+                           position_ids=resp_pos.to(device), use_cache=True, **{cache_arg: cache}).last_hidden_state
+        sums = sums + (hidden.double() * resp_mask.to(device).unsqueeze(-1)).sum(dim=1)
         for row, response in enumerate(responses):
             if response:
                 lasts[row] = hidden[row, len(response) - 1]
         return sums, lasts
 
     def _hidden_sums_unshared(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same sums from two full passes per pair (prompt + response), for checking prompt sharing."""
-        sequences, spans = [], []
-        for t in tokens:
-            for response in (t.chosen_ids, t.rejected_ids):
-                sequences.append(t.prompt_ids + response[:-1])
-                spans.append((len(t.prompt_ids) - 1, len(response)))
-        ids, mask = self._pad(sequences)
+        """The same sums from two plain causal passes per pair (prompt + response), for checking prompt sharing."""
+        device = self.loaded.device
+        sequences = [t.prompt_ids + response[:-1] for t in tokens for response in (t.chosen_ids, t.rejected_ids)]
+        ids = self._pad(sequences, self.pad_id)
+        mask = self._pad([[1] * len(s) for s in sequences], 0)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        offset = (ids.shape[1] - mask.sum(-1)) if self.config.padding_side == "left" else torch.zeros_like(mask[:, 0])
-        sums, lasts = [], []
-        for row, (start, count) in enumerate(spans):
-            first = int(offset[row]) + start
-            window = hidden[row, first : first + count]
-            sums.append(window.double().sum(dim=0))
-            lasts.append(window[-1])
-        return torch.stack(sums), torch.stack(lasts)
+        hidden = self.base(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=pos.to(device)).last_hidden_state
+        width = ids.shape[1]
+        predicting, owners, lasts = [], [], []
+        for row, t in enumerate(tokens):
+            for owner, response in ((2 * row, t.chosen_ids), (2 * row + 1, t.rejected_ids)):
+                length = len(t.prompt_ids) + len(response) - 1
+                start = owner * width + (width - length if self.config.padding_side == "left" else 0)
+                window = range(start + len(t.prompt_ids) - 1, start + length)
+                predicting += window
+                owners += [owner] * len(window)
+                lasts.append(window[-1])
+        return _gather_sums(hidden, predicting, owners, lasts, 2 * len(tokens))
+
+
+def _gather_sums(hidden: torch.Tensor, predicting: list[int], owners: list[int], lasts: list[int], n_out: int):
+    """float64 sums of the flattened `hidden` rows `predicting` into output rows `owners`, and the rows `lasts`."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    device = flat.device
+    index = torch.tensor(predicting, device=device)
+    sums = torch.zeros(n_out, flat.shape[-1], dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(owners, device=device), flat[index].double())
+    return sums, flat[torch.tensor(lasts, device=device)]
+
+
+def _takes_block_mask(model) -> bool:
+    """Whether `model` applies a custom 4D mask as given: SDPA or eager attention, no windowed layers, position ids."""
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    windowed = bool(layer_types - {"full_attention"}) if layer_types else bool(getattr(config, "sliding_window", None))
+    takes_positions = "position_ids" in inspect.signature(model.base_model.forward).parameters
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not windowed and takes_positions
 
 
 def _finite(value: float) -> bool:

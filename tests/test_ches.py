@@ -62,12 +62,25 @@ def loaded_and_reference(request):
     return loaded, pairs, [reference_scores(loaded, p) for p in pairs]
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 5])
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_engine_matches_float64_reference(loaded_and_reference, batch_size, padding_side, share_prompt):
-    loaded, pairs, reference = loaded_and_reference
-    table = score_pairs(pairs, loaded, batch_size=batch_size, padding_side=padding_side, share_prompt=share_prompt)
+# How pairs are grouped into forward passes: by pair count, by a token budget (padding
+# included: 64 tokens puts 1-3 of these pairs in a pass), one pass for all, or the device default.
+BATCHINGS = {
+    "one-pair": {"batch_size": 1},
+    "two-pairs": {"batch_size": 2},
+    "one-pass": {"batch_size": 5, "max_batch_tokens": 100_000},
+    "token-budget": {"max_batch_tokens": 64},
+    "defaults": {},
+}
+# How the prompt is fed: one row per pair under a block mask, the prompt's KV cache reused
+# for both responses (the fallback), or twice (prompt + response, no sharing).
+PROMPT_FEEDS = {
+    "block-mask": {"prompt_sharing": "block"},
+    "kv-cache": {"prompt_sharing": "cache"},
+    "unshared": {"share_prompt": False},
+}
+
+
+def assert_matches_reference(table, pairs, reference):
     assert list(table["row"]) == list(range(len(pairs)))
     assert list(table["pair_id"]) == [p.pair_id for p in pairs]
     for got, (ches, ln_ches, last_ip, n_plus, n_minus, norms) in zip(table.itertuples(), reference):
@@ -77,6 +90,15 @@ def test_engine_matches_float64_reference(loaded_and_reference, batch_size, padd
         assert got.last_hidden_ip == pytest.approx(last_ip, rel=RTOL, abs=RTOL * norms)
         assert (got.chosen_tokens, got.rejected_tokens) == (n_plus, n_minus)
         assert not got.truncated
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("prompt_feed", PROMPT_FEEDS)
+def test_engine_matches_float64_reference(loaded_and_reference, batching, padding_side, prompt_feed):
+    loaded, pairs, reference = loaded_and_reference
+    table = score_pairs(pairs, loaded, padding_side=padding_side, **BATCHINGS[batching], **PROMPT_FEEDS[prompt_feed])
+    assert_matches_reference(table, pairs, reference)
 
 
 def test_chat_template_is_applied_to_the_prompt(tiny_llama_dir, tiny_gpt2_dir):
@@ -116,7 +138,8 @@ def test_swapping_responses_sums_to_minus_squared_distance(tiny_llama_dir):
     assert list(forward["edit_distance"]) == list(backward["edit_distance"])
 
 
-def test_truncation_keeps_prompt_end_and_response_start(tiny_llama_dir):
+@pytest.mark.parametrize("prompt_feed", PROMPT_FEEDS)
+def test_truncation_keeps_prompt_end_and_response_start(tiny_llama_dir, prompt_feed):
     loaded = load_model(str(tiny_llama_dir))
     pair = make_pairs()[4]
     full = encode_pair(loaded.tokenizer, pair)
@@ -125,7 +148,7 @@ def test_truncation_keeps_prompt_end_and_response_start(tiny_llama_dir):
     assert cut.prompt_ids == full.prompt_ids[-len(cut.prompt_ids):]
     assert cut.chosen_ids == full.chosen_ids[: len(cut.chosen_ids)]
     assert len(cut.prompt_ids) + max(len(cut.chosen_ids), len(cut.rejected_ids)) <= 16
-    row = score_pairs([pair], loaded, max_length=16).iloc[0]
+    row = score_pairs([pair], loaded, max_length=16, **PROMPT_FEEDS[prompt_feed]).iloc[0]
     ches, ln_ches, *_ = reference_scores(loaded, pair, max_length=16)
     assert row.truncated
     assert row.ches == pytest.approx(ches, rel=RTOL)
