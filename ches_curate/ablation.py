@@ -30,7 +30,7 @@ from ches_curate.evaluate import EvalConfig, refusal_rate
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import Prompt
 from ches_curate.pipeline_config import PolicySpec
-from ches_curate.policies import apply_policy
+from ches_curate.selection import select, selectable_scores
 from ches_curate.store import Store
 from ches_curate.train import TrainConfig, clone_model, train_dpo
 
@@ -77,18 +77,20 @@ def run_ablation(
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dv = store.dataset_version(dataset, version)
-    scores = store.scores(dv.name, dv.version, model_key=loaded.key)
-    if scores.empty:
+    if loaded.key not in store.scoring_models(dv.name, dv.version):
         raise ChesCurateError(
             f"dataset {dv.name!r} v{dv.version} has no scores from model {loaded.key}; "
             f"run `ches-curate score --dataset {dv.name} --model ...` with this model first"
         )
+    selectable = selectable_scores(store, dv.name, dv.version, loaded.key)
+    scores = selectable[0]
     pairs = {p.pair_id: p for p in store.dataset_pairs(dv.name, dv.version, distinct=True)}
-    arms = plan_arms(store, dv.name, dv.version, loaded.key, scores, policies, seeds)
+    arms = plan_arms(store, dv.name, dv.version, loaded.key, policies, seeds, scores=selectable)
     eval_config = eval_config or EvalConfig()
     eval_prompts = list(eval_prompts)
     refusal_before = refusal_rate(loaded, eval_prompts, eval_config).rate if eval_prompts else None
-    ablation_id = int(store.sql("SELECT nextval('ablation_id_seq') AS id", write=True).id.iloc[0])
+    with store.transaction() as con:
+        ablation_id = int(con.execute("SELECT nextval('ablation_id_seq')").fetchone()[0])
     rows = []
     for arm in arms:
         arm_config = dataclasses.replace(
@@ -126,11 +128,16 @@ def run_ablation(
 
 
 def plan_arms(
-    store: Store, name: str, version: int, model_key: str, scores: pd.DataFrame,
-    policies: Sequence[tuple[str, dict]], seeds: Sequence[int],
+    store: Store, name: str, version: int, model_key: str, policies: Sequence[tuple[str, dict]], seeds: Sequence[int],
+    *, scores: tuple[pd.DataFrame, int] | None = None,
 ) -> list[Arm]:
-    """The arms: `full`, each policy's selection and its random controls, selections saved to the store."""
-    arms = {"full": Arm("full", list(dict.fromkeys(scores["pair_id"])))}
+    """The arms: `full`, each policy's selection and its random controls, selections saved to the store.
+
+    Every arm, `full` included, leaves quarantined pairs out (`selection.select`);
+    `scores` is `selectable_scores(...)` when the caller already read it.
+    """
+    scores = scores if scores is not None else selectable_scores(store, name, version, model_key)
+    arms = {"full": Arm("full", list(dict.fromkeys(scores[0]["pair_id"])))}
     for policy, params in policies:
         selected, n_removed = _selected_arm(store, name, version, model_key, scores, policy, params)
         arms.setdefault(selected.name, selected)
@@ -140,16 +147,14 @@ def plan_arms(
     return list(arms.values())
 
 
-def _selected_arm(store, name, version, model_key, scores, policy: str, params: dict) -> tuple[Arm, int]:
+def _selected_arm(store: Store, name: str, version: int, model_key: str, scores: tuple[pd.DataFrame, int],
+                  policy: str, params: dict) -> tuple[Arm, int]:
     label = PolicySpec(name=policy, params=params).label()
-    result = apply_policy(scores, policy, params)
-    kept = list(dict.fromkeys(result.frame.loc[result.frame["kept"], "pair_id"]))
-    if not kept:
+    selection = select(store, name, version, model_key, policy, params, scores=scores)
+    if not selection.n_kept:
         raise ChesCurateError(f"arm {label} keeps no pairs; loosen the policy's parameters")
-    selection_id = store.save_selection(
-        policy, result.params, name, version, model_key, result.frame, result.score_column
-    )
-    return Arm(label, kept, policy, dict(params), selection_id), result.n_removed
+    return Arm(label, selection.kept_pair_ids, policy, dict(params), selection.selection_id), (
+        selection.n_pairs - selection.n_kept)
 
 
 def write_arm(store: Store, row: dict, likelihoods: pd.DataFrame) -> None:
@@ -158,14 +163,11 @@ def write_arm(store: Store, row: dict, likelihoods: pd.DataFrame) -> None:
     per_pair = likelihoods.assign(ablation_id=row["ablation_id"], arm=row["arm"])
     columns = ", ".join(ABLATION_COLUMNS)
     pair_columns = ", ".join(["ablation_id", "arm", *likelihoods.columns])
-    # An error leaves the transaction open; closing the connection then rolls it back.
-    with store.connect() as con:
-        con.begin()
+    with store.transaction() as con:
         con.register("new_ablation", ablation)
         con.register("new_pair_likelihoods", per_pair)
         con.execute(f"INSERT INTO ablations ({columns}) SELECT {columns} FROM new_ablation")
         con.execute(f"INSERT INTO pair_likelihoods ({pair_columns}) SELECT {pair_columns} FROM new_pair_likelihoods")
-        con.commit()
 
 
 def _slug(arm: str) -> str:

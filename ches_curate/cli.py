@@ -43,16 +43,46 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ches_curate import __version__
+
+        typer.echo(f"ches-curate {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.", envvar="CHES_CURATE_DEBUG"),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     if debug:
         os.environ["CHES_CURATE_DEBUG"] = "1"
 
 
+EXAMPLES = {
+    "ingest": "ches-curate ingest pairs.jsonl --dataset hh --on-error quarantine",
+    "datasets": "ches-curate datasets --db curate.duckdb",
+    "sql": "ches-curate sql \"SELECT model_key, median(ln_ches) FROM latest_scores GROUP BY 1\" --format csv",
+    "export": "ches-curate export --selection 3 -o curated.jsonl",
+    "score": "ches-curate score --dataset hh --model default",
+    "report": "ches-curate report --dataset hh -o report.html",
+    "policies": "ches-curate policies",
+    "filter": "ches-curate filter --dataset hh --policy percentile --param p=90",
+    "quality": "ches-curate quality --dataset hh --suite pairs",
+    "train": "ches-curate train --dataset hh --selection 3 --max-steps 50",
+    "probe": "ches-curate probe --prompt \"Is the sky blue? Answer yes or no.\" --preferred No --dispreferred Never",
+    "ablate": "ches-curate ablate --dataset hh --policy percentile:p=90 --seed 0 --seed 1",
+    "run": "ches-curate run curation --config pipelines/configs/demo.yaml",
+    "schedule": "ches-curate schedule --cron \"0 3 * * *\" --pipeline refresh --local",
+}
+"""One worked example per command, shown at the end of its --help."""
+
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+for _command in app.registered_commands:
+    _command.epilog = f"Example: {EXAMPLES[_command.name or _command.callback.__name__]}"
 
 
 def debug_enabled() -> bool:

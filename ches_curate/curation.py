@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ches_curate.configs import TrainConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.export import ExportSummary, export_dataset
 from ches_curate.ingest import read_pairs
@@ -25,53 +25,16 @@ from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.pipeline_config import (
     AblationSpec, DatasetSpec, EvaluateSpec, PipelineConfig, PolicySpec, ScoringSpec,
 )
-from ches_curate.policies import apply_policy, get_policy, validate_params
+from ches_curate.policies import get_policy, validate_params
 from ches_curate.score_file import summarize_scores
 from ches_curate.store import DatasetVersion, Store
 
-EXCLUDED_STAGES = ("quality", "scoring")
-"""Quarantine stages whose pairs never reach a policy: they failed an `error` expectation or could not be scored."""
-KEEPS_PAIR = ("unique_pair",)
-"""Quality expectations whose quarantined rows are repeats of a pair that stays (its first row)."""
 
-
-@dataclass(frozen=True)
-class Selection:
-    """A recorded selection (`selections` rows under `selection_id`) and its counts."""
-
-    selection_id: int
-    dataset_name: str
-    dataset_version: int
-    model_key: str
-    policy: str
-    params: dict[str, Any]
-    n_pairs: int
-    """Distinct pairs the policy saw (scored, not quarantined)."""
-    n_kept: int
-    n_excluded: int
-    """Scored pairs left out before the policy because they are quarantined."""
-    frame: pd.DataFrame
-    """pair_id, kept, rank: the policy's decision."""
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.n_kept / self.n_pairs if self.n_pairs else 0.0
-
-    def metadata(self) -> dict[str, Any]:
-        """The counts as JSON-ready run metadata."""
-        return {"selection_id": self.selection_id, "policy": self.policy, "policy_params": self.params,
-                "n_selected_from": self.n_pairs, "n_kept": self.n_kept, "n_removed": self.n_pairs - self.n_kept,
-                "n_excluded_quarantined": self.n_excluded, "kept_fraction": self.kept_fraction}
-
-
-def check_config(config: PipelineConfig, pipeline: str = "curation") -> None:
-    """Fail before any work when a policy in `config` is unknown or has bad parameters, or (for the ablation
-    pipeline) when the training or generation settings name unknown fields."""
+def check_config(config: PipelineConfig) -> None:
+    """Fail before any work when a policy in `config` is unknown or has bad parameters (the training and
+    generation settings were validated with the file)."""
     for policy in [config.policy, *config.ablation.policies]:
         validate_params(get_policy(policy.name).obj, policy.params)
-    if pipeline == "ablation":
-        train_config(config.ablation)
-        eval_config(config.ablation.evaluate)
 
 
 def ingest_source(store: Store, spec: DatasetSpec) -> DatasetVersion:
@@ -88,8 +51,7 @@ def validate(store: Store, name: str, version: int, suite: str, quality: str | N
     `skip_if_passed` (refresh) skips a suite that already passed on this version and model, so
     unchanged content is checked once, while a new version, or one whose check failed, is checked.
     """
-    from ches_curate.quality import run_quality
-    from ches_curate.quality_config import QualityConfig
+    from ches_curate.quality import QualityConfig, run_quality
 
     if skip_if_passed:
         passed = store.sql(
@@ -134,52 +96,6 @@ def score_metadata(summary: Any, scores: pd.DataFrame) -> dict[str, Any]:
     return metadata
 
 
-def quarantined_pair_ids(store: Store, name: str, version: int) -> set[str]:
-    """Pairs of the version quarantined by quality checks or scoring failures (repeats of a kept pair aside)."""
-    stages = ", ".join(f"'{s}'" for s in EXCLUDED_STAGES)
-    keeps = ", ".join(f"'{e}'" for e in KEEPS_PAIR)
-    found = store.sql(
-        f"SELECT DISTINCT pair_id FROM quarantine WHERE dataset_name = ? AND dataset_version = ? "
-        f"AND pair_id IS NOT NULL AND stage IN ({stages}) AND coalesce(expectation, '') NOT IN ({keeps})",
-        params=[name, version],
-    )
-    return set(found.pair_id) if len(found) else set()
-
-
-def select(store: Store, name: str, version: int, model_key: str, policy: PolicySpec) -> Selection:
-    """Apply `policy` to the version's scored, non-quarantined pairs and record it in `selections`.
-
-    Quarantined pairs get no `selections` row, so a selection's kept pairs (what
-    `export` writes) passed quality and the policy.
-    """
-    scores = store.scores(name, version, model_key).drop_duplicates("pair_id")
-    if scores.empty:
-        raise ChesCurateError(f"dataset {name!r} v{version} has no scores for model {model_key!r}; score it first")
-    excluded = scores.pair_id.isin(quarantined_pair_ids(store, name, version))
-    scores = scores[~excluded].reset_index(drop=True)
-    result = apply_policy(scores, policy.name, policy.params)
-    selection_id = store.save_selection(result.policy, result.params, name, version, model_key, result.frame,
-                                        result.score_column)
-    return Selection(selection_id, name, version, model_key, result.policy, result.params, len(scores),
-                     result.n_kept, int(excluded.sum()), result.frame)
-
-
-def load_selection(store: Store, selection_id: int) -> Selection:
-    """A recorded selection with its counts, as `select` returned it."""
-    rows = store.selection(selection_id)
-    first = rows.iloc[0]
-    name, version, model_key = first.dataset_name, int(first.dataset_version), first.model_key
-    quarantined = quarantined_pair_ids(store, name, version)
-    n_excluded = int(store.sql(
-        "SELECT count(DISTINCT dp.pair_id) AS n FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id "
-        "AND s.model_key = ? WHERE dp.name = ? AND dp.version = ? AND list_contains(?, dp.pair_id)",
-        params=[model_key, name, version, sorted(quarantined)],
-    ).n.iloc[0])
-    params = json.loads(first.params) if isinstance(first.params, str) else dict(first.params or {})
-    return Selection(selection_id, name, version, model_key, first.policy, params, len(rows),
-                     int(rows.kept.astype(bool).sum()), n_excluded, rows.loc[:, ["pair_id", "kept", "rank"]])
-
-
 def export_path(template: str, name: str, version: int, selection_id: int) -> Path:
     """`template` with {dataset}, {version} and {selection_id} filled in."""
     try:
@@ -198,27 +114,9 @@ def export_selection(store: Store, selection_id: int, template: str) -> tuple[Ex
     return summary, frame
 
 
-def train_config(spec: AblationSpec) -> Any:
+def train_config(spec: AblationSpec) -> TrainConfig:
     """The `TrainConfig` of every ablation arm, checkpoints under `spec.output_dir`."""
-    from ches_curate.train import TrainConfig
-
-    if "output_dir" in spec.train:
-        raise ChesCurateError("ablation.train.output_dir: set ablation.output_dir instead")
-    return _dataclass(TrainConfig, {**spec.train, "output_dir": spec.output_dir}, "ablation.train")
-
-
-def eval_config(spec: EvaluateSpec) -> Any:
-    from ches_curate.evaluate import EvalConfig
-
-    return _dataclass(EvalConfig, spec.generation, "ablation.evaluate.generation")
-
-
-def _dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ChesCurateError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(known)})")
-    return cls(**values)
+    return dataclasses.replace(spec.train, output_dir=spec.output_dir)
 
 
 def eval_prompts(spec: EvaluateSpec) -> list[str]:
@@ -242,7 +140,7 @@ def ablate(store: Store, name: str, version: int, scoring: ScoringSpec, policies
     loaded = load_model(scoring.model, scoring.device, scoring.dtype)
     return run_ablation(store, name, loaded, [(p.name, p.params) for p in policies], train_config(spec),
                         eval_prompts(spec.evaluate), spec.seeds, version=version,
-                        eval_config=eval_config(spec.evaluate))
+                        eval_config=spec.evaluate.generation)
 
 
 def ablation_metadata(rows: pd.DataFrame) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from ches_curate import plugins
+from ches_curate.configs import EvalConfig, ProbeConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import PreferencePair, Prompt
 from ches_curate.tokenization import encode_pair, encode_prompt, encode_response
@@ -70,16 +71,6 @@ def judge(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[bool]:
             )
         return verdicts
     return refusal_phrase_judge(prompts, responses)
-
-
-@dataclass
-class EvalConfig:
-    """Greedy generation settings for the refusal evaluation."""
-
-    max_new_tokens: int = 48
-    batch_size: int = 8
-    max_prompt_tokens: int = 256
-    """Longer prompts keep their last tokens."""
 
 
 @dataclass
@@ -142,20 +133,6 @@ def harmful_prompts(pairs: Sequence[PreferencePair], n: int | None = None) -> li
         if n is not None and len(seen) >= n:
             break
     return list(seen)
-
-
-@dataclass
-class ProbeConfig:
-    """The single-pair DPO probe; training goes through `train_dpo` (TRL) with these settings."""
-
-    steps: int = 20
-    learning_rate: float = 1e-6
-    """Small enough that P(y+) is not simply driven to 1 (Razin et al. use small rates too)."""
-    beta: float = 0.1
-    top_k: int = 10
-    watch: tuple[str, ...] = ("Yes",)
-    """Tokens to report whatever their rank (first token of each, tokenized as a response)."""
-    seed: int = 0
 
 
 @dataclass

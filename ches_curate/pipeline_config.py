@@ -23,9 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ches_curate.config_files import load_yaml_model
+from ches_curate.configs import EvalConfig, TrainConfig
 
 
 class _Section(BaseModel):
@@ -80,8 +81,8 @@ class EvaluateSpec(_Section):
     )
     format: Literal["auto", "prompt_chosen_rejected", "conversational", "hh_rlhf"] = Field("auto", description="Its format.")
     n_prompts: int = Field(32, ge=1, description="How many prompts (the first distinct ones).")
-    generation: dict[str, Any] = Field(
-        default_factory=dict, description="ches_curate.evaluate.EvalConfig fields: max_new_tokens, batch_size, ..."
+    generation: EvalConfig = Field(
+        default_factory=EvalConfig, description="Greedy generation: ches_curate.configs.EvalConfig (max_new_tokens, ...)."
     )
 
 
@@ -90,11 +91,22 @@ class AblationSpec(_Section):
 
     policies: list[PolicySpec] = Field(default_factory=list, description="Policies compared (default: `policy`).")
     seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds of the random controls (one arm each).")
-    train: dict[str, Any] = Field(
-        default_factory=dict, description="ches_curate.train.TrainConfig fields: beta, learning_rate, max_steps, ..."
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="DPO settings: ches_curate.configs.TrainConfig (beta, learning_rate, ...)."
     )
     output_dir: str = Field("runs/ablation", description="Checkpoints of the arms go under this directory.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_output_dir(cls, value: Any) -> Any:
+        """Checkpoints go under `ablation.output_dir`; a different `train.output_dir` would be ignored, so it is refused.
+
+        (A serialized config, as ZenML hands it to a step, carries the default: that one passes.)
+        """
+        if isinstance(value, dict) and value.get("output_dir", TrainConfig.output_dir) != TrainConfig.output_dir:
+            raise ValueError("set ablation.output_dir instead of ablation.train.output_dir")
+        return value
 
 
 class PipelineConfig(_Section):

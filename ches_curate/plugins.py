@@ -1,11 +1,14 @@
 """The one plugin manager: entry-point discovery, explicit loading, and registries.
 
-Plugins are modules that implement hooks from `ches_curate.hookspecs`. They are found
-through the `ches_curate` entry-point group (the built-in policies included, declared
-in this package's pyproject), or loaded explicitly by module name (`--plugin`).
+Plugins are modules that implement hooks from `ches_curate.hookspecs`. The built-in
+policies are listed in `DEFAULT_PLUGINS` and registered first, through the same
+`_register` and the same hooks as any other plugin, so they are found even where the
+package's installed metadata is missing (a copied source tree, a zipapp). Third-party
+plugins are found through the `ches_curate` entry-point group, or loaded explicitly by
+module name or file path (`--plugin`).
 
-- `CHES_CURATE_DISABLED_PLUGINS=a,b` skips entry points by entry-point name, module
-  name or distribution name.
+- `CHES_CURATE_DISABLED_PLUGINS=a,b` skips default plugins and entry points by plugin
+  name, module name or distribution name.
 - A distribution visible twice on `sys.path` (an `.egg-info` in the working directory
   next to the installed `.dist-info`) is loaded once.
 - A plugin that raises while importing or inside its hook is reported as
@@ -45,6 +48,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+DEFAULT_PLUGINS = {"builtin_policies": "plugins.builtin_policies"}
+"""Plugins that ship with ches_curate, by plugin name: registered like any plugin, without entry-point metadata."""
 DISABLED_PLUGINS_ENV = "CHES_CURATE_DISABLED_PLUGINS"
 
 _pm: pluggy.PluginManager | None = None
@@ -71,6 +76,7 @@ def plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         pm.add_hookspecs(hookspecs)
+        _load_defaults(pm, disabled_plugins())
         _load_entry_points(pm, disabled_plugins())
         _pm = pm
     return _pm
@@ -131,6 +137,12 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str, check: Callabl
     return dict(sorted(found.items()))
 
 
+def _load_defaults(pm: pluggy.PluginManager, disabled: set[str]) -> None:
+    for name, module_name in DEFAULT_PLUGINS.items():
+        if name not in disabled and module_name not in disabled:
+            _register(pm, call_plugin(name, lambda: importlib.import_module(module_name)), name)
+
+
 def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
     seen_dists: set[str] = set()
     disabled_dists = {_dist_key(name) for name in disabled}
@@ -143,7 +155,8 @@ def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
             if ep.name in disabled or ep.module in disabled or dist_key in disabled_dists:
                 continue
             module = call_plugin(ep.name, ep.load, hint=f"set {DISABLED_PLUGINS_ENV}={ep.name} to skip it")
-            _register(pm, module, ep.name)
+            if not pm.is_registered(module):  # a default plugin still declared as an entry point by an old install
+                _register(pm, module, ep.name)
 
 
 def _register(pm: pluggy.PluginManager, module: ModuleType, name: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from ches_curate.curation import Selection, load_selection, select
+from ches_curate.selection import Selection, load_selection, select
 from ches_curate.pipeline_config import PolicySpec
 from ches_curate.policies import get_policy, validate_params
 from ches_curate.store import Store
@@ -96,5 +96,5 @@ def reselect(store: Store, name: str, version: int, model_key: str, policy: Poli
         return load_selection(store, selection_id), diff_selections(store, selection_id, selection_id)
     earlier = matching[matching.dataset_version < version]
     previous = int(earlier.selection_id.iloc[0]) if len(earlier) else None
-    selection = select(store, name, version, model_key, policy)
+    selection = select(store, name, version, model_key, policy.name, policy.params)
     return selection, diff_selections(store, previous, selection.selection_id)

@@ -144,7 +144,7 @@ def _resolve(
             f"not {dv.name!r} v{dv.version}; pass --dataset {selection['dataset_name']} "
             f"--version {selection['dataset_version']}"
         )
-    model_key = _model_key(store, dv, model_key or (selection or {}).get("model_key"))
+    model_key = store.scoring_model(dv.name, dv.version, model_key or (selection or {}).get("model_key"), required=False)
     if selection is None and model_key is not None:
         selection = _latest_selection(store, dv, model_key)
     return dv, model_key, selection
@@ -169,24 +169,6 @@ def _latest_selection(store: Store, dv: DatasetVersion, model_key: str) -> dict[
         "AND (model_key IS NULL OR model_key = ?)", params=[dv.name, dv.version, model_key],
     ).selection_id.iloc[0]
     return None if pd.isna(latest) else _selection(store, int(latest))
-
-
-def _model_key(store: Store, dv: DatasetVersion, requested: str | None) -> str | None:
-    """The requested model if it scored the version, else the only model that did (None if none did)."""
-    keys = store.sql(
-        "SELECT DISTINCT s.model_key FROM dataset_pairs dp JOIN scores s USING (pair_id) "
-        "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[dv.name, dv.version],
-    ).model_key.tolist()
-    if requested is not None and requested not in keys:
-        raise ChesCurateError(
-            f"dataset {dv.name!r} v{dv.version} has no scores from model {requested!r} "
-            f"(scored by: {', '.join(keys) or 'no model yet'})"
-        )
-    if requested is None and len(keys) > 1:
-        raise ChesCurateError(
-            f"dataset {dv.name!r} v{dv.version} was scored by several models; pick one with --model: {', '.join(keys)}"
-        )
-    return requested or (keys[0] if keys else None)
 
 
 def _scores(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ches_curate.configs import TrainConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.likelihood import DisplacementSummary, displacement_summary, pair_likelihoods, pair_logps
 from ches_curate.models import LoadedModel
@@ -39,38 +40,6 @@ from ches_curate.pairs import PreferencePair
 from ches_curate.tokenization import encode_pair
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """DPO hyper-parameters; CPU-safe defaults (float32, no gradient checkpointing, no reporting)."""
-
-    beta: float = 0.1
-    """DPO temperature: the implicit reward is beta * log(pi / pi_ref)."""
-    learning_rate: float = 1e-6
-    epochs: float = 1.0
-    max_steps: int = -1
-    """Optimizer steps; overrides `epochs` when > 0."""
-    batch_size: int = 4
-    """Pairs per device step (TRL's `per_device_train_batch_size`)."""
-    gradient_accumulation: int = 1
-    max_length: int | None = 512
-    """Tokens of prompt + response; the same limit applies to likelihood tracking."""
-    sft_weight: float = 0.0
-    """> 0 adds an SFT term on y+ (TRL `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, sft_weight]`)."""
-    lora: bool = False
-    """Train a LoRA adapter (peft) instead of all weights; it is merged into the model after training."""
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_target_modules: str | list[str] = "all-linear"
-    lr_scheduler_type: str = "linear"
-    seed: int = 0
-    output_dir: str = "runs/dpo"
-    save_model: bool = True
-    """Save the trained model (or LoRA adapter) and tokenizer to `output_dir`."""
-    track_every: int = 0
-    """Also record per-pair log-probabilities every N optimizer steps (0: before and after only)."""
-    track_batch_size: int = 8
 
 
 @dataclass

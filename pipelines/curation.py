@@ -9,7 +9,7 @@ from typing import Any
 from zenml import Model, pipeline
 
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
-from pipelines import MODEL_NAME, run_pipeline
+from pipelines.runner import MODEL_NAME, run_pipeline
 from pipelines.steps import (
     curation_report, export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores,
 )

@@ -1,8 +1,7 @@
-"""ZenML pipelines over the `ches_curate` library: `curation`, `ablation` and `refresh`.
+"""Running the pipelines: `run_pipeline` with a validated config, step failures as one line, the orchestrator.
 
-Steps (`steps.py`) are thin wrappers; every decision lives in `ches_curate`. Run them
-with `ches-curate run NAME --config pipelines/configs/dev.yaml`, or from Python with
-`run_pipeline`. Importing this package does not import ZenML (the CLI stays fast).
+The pipeline modules are imported only when a pipeline runs (`get_pipeline`), so
+importing this module does not import ZenML and the CLI stays fast.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from zenml.types import HTMLString
 
 from ches_curate import curation, refresh
 from ches_curate.report import build_report
+from ches_curate.selection import select
 from ches_curate.incremental import score_dataset
 from ches_curate.pipeline_config import AblationSpec, DatasetSpec, PolicySpec, ScoringSpec
 from ches_curate.store import Store
@@ -88,8 +89,8 @@ def select_pairs(store: str, score_run: dict, policy: PolicySpec) -> tuple[
     Annotated[pd.DataFrame, "selection"], Annotated[dict, "selection_summary"]
 ]:
     """Apply the policy plugin to the scored pairs that passed quality; recorded in `selections`."""
-    selection = curation.select(Store(store), score_run["dataset_name"], score_run["dataset_version"],
-                                score_run["model_key"], policy)
+    selection = select(Store(store), score_run["dataset_name"], score_run["dataset_version"],
+                       score_run["model_key"], policy.name, policy.params)
     record("selection", selection.metadata())
     return selection.frame, selection.metadata()
 

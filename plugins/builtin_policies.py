@@ -1,7 +1,8 @@
 """The built-in filter policies: top-k, percentile, length-normalized, threshold and random.
 
-Registered through the `register_filter_policies` hook and declared as the
-`builtin_policies` entry point in pyproject, exactly as a third-party plugin would be.
+Registered through the `register_filter_policies` hook, exactly as a third-party plugin
+would be; `ches_curate.plugins.DEFAULT_PLUGINS` names this module, so it is found
+without the package's entry-point metadata.
 Each ranks pairs by `score_column` (highest first; ties by pair_id) and removes from the
 top, except `random`, the ablation control.
 """

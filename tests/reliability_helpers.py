@@ -250,7 +250,8 @@ class _RecordingConnection:
 
 
 def _install_faults(env: dict[str, str]) -> None:
-    from ches_curate import export, store
+    from ches_curate import export
+    from ches_curate.store import database as store
     from ches_curate.scoring import Scorer
 
     if "RELIABILITY_INSERT_BATCH" in env:
@@ -258,7 +259,7 @@ def _install_faults(env: dict[str, str]) -> None:
     if "RELIABILITY_KILL_IN_TRANSACTION" in env:
         needle, _, nth = env["RELIABILITY_KILL_IN_TRANSACTION"].rpartition("#")
         seen = 0
-        original = store.Store._transaction
+        original = store.Store.transaction
 
         @contextmanager
         def transaction(self):
@@ -271,7 +272,7 @@ def _install_faults(env: dict[str, str]) -> None:
                     if seen == int(nth):
                         _kill_self()
 
-        store.Store._transaction = transaction
+        store.Store.transaction = transaction
     if "RELIABILITY_KILL_AT_RECORD" in env:
         records, limit, trl_record = 0, int(env["RELIABILITY_KILL_AT_RECORD"]), export.trl_record
 

@@ -78,7 +78,7 @@ def test_ablation_writes_one_complete_row_per_arm(store, llama, tmp_path):
 
 def test_random_controls_match_size_per_seed_and_repeat_arms_train_once(store, llama):
     scores = store.scores("toy", model_key=llama.key)
-    arms = plan_arms(store, "toy", 1, llama.key, scores, [("top-k", {"k": 3}), ("top-k", {"k": 3})], seeds=(0, 1))
+    arms = plan_arms(store, "toy", 1, llama.key, [("top-k", {"k": 3}), ("top-k", {"k": 3})], seeds=(0, 1))
     assert [a.name for a in arms] == ["full", "top-k(k=3)", "random(n=3,seed=0)", "random(n=3,seed=1)"]
     assert [len(a.pair_ids) for a in arms] == [12, 9, 9, 9]
     assert set(arms[2].pair_ids) != set(arms[3].pair_ids)

@@ -199,7 +199,8 @@ def test_a_signal_during_a_command_exits_128_plus_its_number_and_stores_nothing(
 SLOW_SCORING = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ches_curate import cli, store
+    from ches_curate import cli
+    from ches_curate.store import database as store
 
     write_scores, committed = store.Store.write_scores, Path(sys.argv[1])
 

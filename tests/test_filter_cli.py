@@ -112,8 +112,8 @@ def test_match_selection_removes_as_many_pairs_at_random(store):
         (["--policy", "top-k", "--param", "k=-3"], "policy 'top-k': param 'k': Input should be greater than or equal to 0 (got '-3')"),
         (["--policy", "top-k", "--param", "k"], "--param 'k' must look like name=value, e.g. --param k=100"),
         (["--policy", "top-k", "--param", "k=1", "--param", "k=2"], "--param k is given twice"),
-        (["--policy", "top-k", "--param", "k=1", "--model", "other"], "dataset 'toy' v1 has no scores for model 'other'; "
-         "run `ches-curate score --dataset toy` or pick another --model"),
+        (["--policy", "top-k", "--param", "k=1", "--model-key", "other"], "dataset 'toy' v1 has no scores from model "
+         "'other' (scored by: tiny@sha256:0000/float32)"),
         (["--policy", "top-k", "--match-selection", "1"], "--match-selection sets param n, which policy 'top-k' does not take"),
     ],
 )
@@ -143,3 +143,26 @@ def test_filter_loads_an_explicit_plugin_module(store, monkeypatch):
     # Rows 0 and 2 share a prompt; the cap of 1 removes the higher-CHES one (row 2, ches 4.0).
     selection = store.selection(1)
     assert selection.loc[~selection["kept"], "pair_id"].tolist() == [PreferencePair(PROMPTS[2], "answer 2", "refusal 2").pair_id]
+
+
+def test_every_caller_selects_from_the_same_pairs_and_leaves_quarantined_ones_out(store):
+    """The CLI, the pipelines' `select` and an ablation's arms used to disagree on a store with a quarantined
+    pair: the CLI kept it. Now all go through `selection.select`."""
+    from ches_curate.ablation import plan_arms
+    from ches_curate.selection import select
+
+    quarantined = store.scores("toy").sort_values("ches").pair_id.iloc[-1]  # the highest CHES: top-k's first pick
+    store.add_quarantine([{"dataset_name": "toy", "dataset_version": 1, "stage": "quality", "pair_id": quarantined,
+                           "reason": "row 5: test", "expectation": "prompt_not_empty"}])
+    result = invoke("filter", "--db", str(store.path), "--dataset", "toy", "--policy", "top-k", "--param", "k=1")
+    assert result.exit_code == 0, result.output
+    assert "kept 4, removed 1 of 5 pairs (20.0% removed)" in result.output
+    assert "1 quarantined pairs were left out before the policy" in result.output
+    by_pipeline = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 1})
+    arms = plan_arms(store, "toy", 1, MODEL_KEY, [("top-k", {"k": 1})], seeds=(0,))
+    stored = store.sql("SELECT selection_id, list(pair_id ORDER BY pair_id) AS ids, count(*) FILTER (kept) AS kept "
+                       "FROM selections GROUP BY 1 ORDER BY 1")
+    assert stored.kept.tolist() == [4, 4, 4, 4]  # the CLI's, the pipeline's, the arm's and its random control
+    assert all(quarantined not in list(ids) for ids in stored.ids)
+    assert (by_pipeline.n_pairs, by_pipeline.n_excluded) == (5, 1)
+    assert [len(a.pair_ids) for a in arms] == [5, 4, 4] and quarantined not in arms[0].pair_ids

@@ -117,8 +117,8 @@ from ches_curate.store import Store
 
 class SlowStore(Store):
     @contextmanager
-    def _transaction(self):
-        with super()._transaction() as con:
+    def transaction(self):
+        with super().transaction() as con:
             yield con
             time.sleep(0.05)
 

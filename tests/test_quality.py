@@ -290,7 +290,7 @@ def test_scores_suite_on_the_store_compares_with_the_previous_version(tmp_path):
     assert report.failed() == drift and report.success
     stored = store.sql("SELECT model_key, dataset_version, success FROM quality_runs")
     assert stored.values.tolist() == [["tiny", 2, True]]
-    with pytest.raises(ChesCurateError, match="no scores for model 'other'.*scored by: tiny"):
+    with pytest.raises(ChesCurateError, match="no scores from model 'other'.*scored by: tiny"):
         run_quality(store, "d", model_key="other", suites="scores")
 
 

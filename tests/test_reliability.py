@@ -24,7 +24,8 @@ import pytest
 import torch
 import yaml
 
-from ches_curate import connections, plugins, store as store_module
+from ches_curate import plugins
+from ches_curate.store import connections, database as store_module
 from ches_curate.errors import ChesCurateError
 from ches_curate.incremental import score_dataset
 from ches_curate.pairs import PreferencePair

@@ -335,7 +335,7 @@ def test_bad_requests_name_the_fix(demo, tmp_path):
     store.register_model("second-model", {})
     run_id = store.start_score_run("demo", 1, "second-model")
     store.write_scores(run_id, "second-model", fake_scores(make_pairs()))
-    with pytest.raises(ChesCurateError, match=r"scored by several models; pick one with --model: second-model, tiny"):
+    with pytest.raises(ChesCurateError, match=r"scored by several models; pick one with --model-key: second-model, tiny"):
         build_report(store, "demo")
 
 

@@ -27,7 +27,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ches_curate import cli, connections
+from ches_curate import cli
+from ches_curate.store import connections
 from ches_curate.errors import ChesCurateError, StoreLockedError
 from ches_curate.ingest import read_pairs
 from ches_curate.store import Store

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ches_curate import migrations, store as store_module
+from ches_curate.store import database as store_module, migrations
 from ches_curate.errors import ChesCurateError, StoreLockedError
 from ches_curate.ingest import RejectedRow
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
@@ -271,7 +271,7 @@ def test_scores_needs_a_model_when_several_scored_the_dataset(tmp_path):
         store.scores("toy")
     for key in ("a", "b"):
         store.write_scores(store.start_score_run("toy", 1, key), key, fake_scores(pairs))
-    with pytest.raises(ChesCurateError, match="several models; pick one of: a, b"):
+    with pytest.raises(ChesCurateError, match="several models; pick one with --model-key: a, b"):
         store.scores("toy")
     assert len(store.scores("toy", model_key="b")) == 3
 

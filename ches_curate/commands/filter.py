@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ches_curate import plugins
+from ches_curate.commands import options
 from ches_curate.errors import ChesCurateError
 from ches_curate.policies import (
     PolicyParams,
@@ -59,19 +60,20 @@ def policies(
 
 
 def filter_pairs(
-    dataset: str = typer.Option(..., "--dataset", help="Stored dataset to filter."),
-    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model key of the scores (default: the only model that scored it)."),
+    dataset: options.Dataset,
+    version: options.Version = None,
+    model_key: options.ModelKey = None,
     policy: str = typer.Option(..., "--policy", help="Policy name; `ches-curate policies` lists them."),
     param: list[str] = typer.Option([], "--param", help="Policy parameter as name=value (repeatable)."),
     match_selection: Optional[int] = typer.Option(
         None, "--match-selection", help="Set param n to the number of pairs selection ID removed (the random control)."
     ),
     show: int = typer.Option(5, "--show", min=0, help="How many of the first removed pairs to print."),
-    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."),
+    db: options.Db = None,
     plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Apply a filter policy to a dataset's scores and record the decision in the `selections` table."""
+    from ches_curate.selection import select, selectable_scores
     from ches_curate.store import Store
 
     _load(plugin)
@@ -82,23 +84,17 @@ def filter_pairs(
     if match_selection is not None:
         params = _matched(params, policy, store, match_selection)
     dv = store.dataset_version(dataset, version)
-    model_key = model or _only_model_key(store, dv.name, dv.version)
-    scores = store.scores(dv.name, dv.version, model_key)
-    if scores.empty:
-        raise ChesCurateError(
-            f"dataset '{dv.name}' v{dv.version} has no scores for model '{model_key}'; "
-            f"run `ches-curate score --dataset {dv.name}` or pick another --model"
-        )
-    result = apply_policy(scores, policy, params)
-    selection_id = store.save_selection(
-        result.policy, result.params, dv.name, dv.version, model_key, result.frame, result.score_column
-    )
-    _print_result(selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}")
+    model_key = store.scoring_model(dv.name, dv.version, model_key)
+    scores = selectable_scores(store, dv.name, dv.version, model_key)
+    selection = select(store, dv.name, dv.version, model_key, policy, params, scores=scores)
+    result = selection.result
+    _print_result(selection.selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}",
+                  selection.n_excluded)
     if show and result.n_removed:
-        console.print(removed_table(scores, result, show))
+        console.print(removed_table(scores[0], result, show))
 
 
-def _print_result(selection_id: int, result: SelectionResult, where: str) -> None:
+def _print_result(selection_id: int, result: SelectionResult, where: str, n_excluded: int = 0) -> None:
     total = result.n_kept + result.n_removed
     console.print(
         f"selection [bold]{selection_id}[/]: {escape(printable(result.policy))} "
@@ -114,6 +110,9 @@ def _print_result(selection_id: int, result: SelectionResult, where: str) -> Non
         )
     else:
         console.print(f"{counts} pairs ({result.n_removed / total:.1%} removed)", highlight=False)
+    if n_excluded:
+        console.print(f"{n_excluded:,} quarantined pairs were left out before the policy (see the quarantine table)",
+                      highlight=False)
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
@@ -172,14 +171,6 @@ def _type_name(annotation: Any) -> str:
 def _load(modules: list[str]) -> None:
     for module in modules:
         plugins.load_plugin_module(module)
-
-
-def _only_model_key(store: Any, name: str, version: int) -> str | None:
-    """The model key when exactly one model scored the version; else None, and `Store.scores` explains."""
-    keys = store.sql(
-        "SELECT model_key FROM score_summary WHERE dataset_name = ? AND dataset_version = ?", params=[name, version]
-    ).model_key.tolist()
-    return keys[0] if len(keys) == 1 else None
 
 
 def _matched(params: dict[str, str], policy: str, store: Any, selection_id: int) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def load_config(config: Path, db: Path | None, pipeline: str) -> PipelineConfig:
     from ches_curate.curation import check_config
 
     loaded = PipelineConfig.from_file(config).with_store(db).resolved()
-    check_config(loaded, pipeline)
+    check_config(loaded)
     return loaded
 
 

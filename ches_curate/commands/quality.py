@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ches_curate.commands import options
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
@@ -54,18 +55,16 @@ def _load_tokenizer(name: str) -> Any:
 def register(app: typer.Typer) -> None:
     @app.command()
     def quality(
-        dataset: str = typer.Option(..., "--dataset", help="Stored dataset to check."),
-        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model key of the scores to check "
-                                            "(default: the one model that scored the version)."),
+        dataset: options.Dataset,
+        version: options.Version = None,
+        model_key: options.ModelKey = None,
         suite: str = typer.Option("all", "--suite", help="pairs, scores or all (all skips scores if none exist)."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON quality config: bounds, "
                                               "thresholds, severities, extra GE expectations."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (local dir or hub id) for the "
                                                 "token-length bounds of the pairs suite."),
         show: bool = typer.Option(False, "--show", help="Only show the latest stored results; run nothing."),
-        db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB",
-                                          help="DuckDB file (default ./ches_curate.duckdb)."),
+        db: options.Db = None,
     ) -> None:
         """Check a stored dataset with Great Expectations; quarantine the rows failing error expectations.
 
@@ -89,7 +88,7 @@ def register(app: typer.Typer) -> None:
         settings = QualityConfig.from_file(config) if config else QualityConfig()
         loaded_tokenizer = _load_tokenizer(tokenizer) if tokenizer else None
         try:
-            report = run_quality(store, dataset, version, model, suite, settings, tokenizer=loaded_tokenizer)
+            report = run_quality(store, dataset, version, model_key, suite, settings, tokenizer=loaded_tokenizer)
         except QualityFailedError as failed:
             print_results(failed.report.to_frame(), dataset)
             raise ChesCurateError(failed.headline) from None

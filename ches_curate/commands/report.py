@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ches_curate.commands import options
 from ches_curate.terminal import printable
 
 console = Console()
@@ -19,21 +20,15 @@ def register(app: typer.Typer) -> None:
 
 
 def report(
-    dataset: str = typer.Option(..., "--dataset", help="Stored dataset to report on."),
+    dataset: options.Dataset,
     output: Path = typer.Option(..., "--output", "-o", help="HTML file to write (parent folders are created)."),
-    version: Optional[int] = typer.Option(
-        None, "--version", help="Dataset version (default: the one --selection filtered, else the latest)."
-    ),
-    model: Optional[str] = typer.Option(
-        None, "--model", help="Model key of the scores (default: the selection's model, else the only one)."
-    ),
+    version: options.Version = None,
+    model_key: options.ModelKey = None,
     selection: Optional[int] = typer.Option(
         None, "--selection", help="Selection whose cut line is drawn (default: the latest for this dataset and model)."
     ),
     top: int = typer.Option(20, "--top", min=0, help="How many of the highest-CHES pairs to show with their text."),
-    db: Optional[Path] = typer.Option(
-        None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."
-    ),
+    db: options.Db = None,
 ) -> None:
     """Write one HTML file (plots embedded, no network) with the score distributions and the policy's cut,
     the highest-CHES pairs, kept/removed counts per selection, quality findings and ablation results."""
@@ -41,7 +36,7 @@ def report(
     from ches_curate.store import Store
 
     store = Store(db, create=False)
-    path = write_report(store, dataset, version, model, selection, output=output, config=ReportConfig(top_pairs=top))
+    path = write_report(store, dataset, version, model_key, selection, output=output, config=ReportConfig(top_pairs=top))
     size_kb = path.stat().st_size / 1024
     console.print(f"wrote [bold]{escape(printable(path))}[/] ({size_kb:,.0f} KiB); open it in a browser",
                   highlight=False)

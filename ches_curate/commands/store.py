@@ -9,20 +9,20 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ches_curate.commands import options
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
 console = Console()
 err_console = Console(stderr=True)
 
-DB_HELP = "DuckDB store file (default ./ches_curate.duckdb)."
 SQL_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 200
 """Rows shown by the table format; machine formats write every row."""
@@ -37,10 +37,6 @@ _WRITE_FIXES = {  # how to fix a failed --output write, by errno
 }
 
 
-def _db_option():
-    return typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP)
-
-
 def _store(db: Path | None, create: bool = False):
     from ches_curate.store import Store
 
@@ -50,13 +46,13 @@ def _store(db: Path | None, create: bool = False):
 def register(app: typer.Typer) -> None:
     @app.command()
     def ingest(
-        source: str = typer.Argument(..., help="Preference file (JSONL, CSV, Parquet), saved HF dataset dir or hub id."),
-        dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name in the store."),
+        source: Annotated[str, typer.Argument(help="Preference file (JSONL, CSV, Parquet), saved HF dataset dir or hub id.")],
+        dataset: options.Dataset,
         format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
         on_error: str = typer.Option(
             "fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it in the store and go on."
         ),
-        db: Optional[Path] = _db_option(),
+        db: options.Db = None,
     ) -> None:
         """Store a dataset; a new version is created only when its content changed."""
         from ches_curate.ingest import read_pairs
@@ -71,7 +67,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"dataset [bold]{escape(printable(dv.name))}[/] unchanged: same content as v{dv.version} ({counts})")
 
     @app.command("datasets")
-    def list_datasets(db: Optional[Path] = _db_option()) -> None:
+    def list_datasets(db: options.Db = None) -> None:
         """List stored datasets and versions, with pair counts and how many models scored each."""
         frame = _store(db).datasets()
         if frame.empty:
@@ -82,7 +78,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def sql(
         query: str = typer.Argument(..., help="SQL to run against the store (DuckDB dialect)."),
-        db: Optional[Path] = _db_option(),
+        db: options.Db = None,
         format: Optional[str] = typer.Option(
             None, "--format", "-f", help="table, csv, json or parquet (default: table on a terminal, csv in a pipe)."
         ),
@@ -110,12 +106,13 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         output: Path = typer.Option(..., "--output", "-o", help="Output file: .jsonl or .parquet."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (implied by --selection)."),
-        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+        dataset: options.OptionalDataset = None,
+        version: options.Version = None,
         selection: Optional[int] = typer.Option(
-            None, "--selection", "-s", help="Selection id from `ches-curate filter`: export only the pairs it kept."
+            None, "--selection", "-s", help="Selection id from `ches-curate filter`: export only the pairs it kept "
+            "(implies --dataset and --version)."
         ),
-        db: Optional[Path] = _db_option(),
+        db: options.Db = None,
     ) -> None:
         """Write a training-ready dataset in TRL's preference format (prompt, chosen, rejected)."""
         from ches_curate.export import export_dataset

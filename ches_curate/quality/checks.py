@@ -22,21 +22,15 @@ import pandas as pd
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair, pair_id
-from ches_curate.quality_config import (
+from ches_curate.ingest import split_hh_transcript
+from ches_curate.quality.config import (
     BUILTIN_CHECKS, DRIFT_COLUMNS, FINITE_COLUMNS, SUITES, TEXT_COLUMNS, QualityConfig, Suite,
 )
-from ches_curate.quality_results import (
-    GE_SEVERITY, Check, QualityFailedError, QualityReport, gx_module, percentiles_class, printable, run_suite,
-    save_suite,
+from ches_curate.quality.ge import gx_module, percentiles_class
+from ches_curate.quality.results import (
+    GE_SEVERITY, Check, QualityFailedError, QualityReport, escape_surrogates, run_suite, save_suite,
 )
 
-__all__ = [
-    "QualityConfig", "QualityFailedError", "QualityReport", "hh_transcripts_frame", "latest_quality_results",
-    "ln_ches_consistent", "pairs_frame", "run_quality", "validate_hh_transcripts", "validate_pairs",
-    "validate_scores",
-]
-
-ASSISTANT = "\n\nAssistant:"
 TRANSCRIPT_COLUMNS = ("chosen_transcript", "rejected_transcript")
 SCORE_REQUIRED = ("pair_id", "ches", "ln_ches", "chosen_tokens", "rejected_tokens")
 _INVALID_TEXT = re.compile("[\ud800-\udfff\ufffd]")
@@ -69,10 +63,10 @@ def pairs_frame(pairs: Iterable[PreferencePair]) -> pd.DataFrame:
     return frame
 
 
-def split_hh_transcript(text: Any) -> tuple[str | None, str | None]:
-    """(prompt, response) split after the last `\\n\\nAssistant:` (ingest's convention); Nones if absent."""
-    cut = text.rfind(ASSISTANT) if isinstance(text, str) else -1
-    return (None, None) if cut < 0 else (text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):])
+def _prompt_and_response(text: Any) -> tuple[str | None, str | None]:
+    """ingest's `split_hh_transcript` of a transcript; Nones for a missing or unsplittable one."""
+    split = split_hh_transcript(text) if isinstance(text, str) else None
+    return (None, None) if split is None else split
 
 
 def hh_transcripts_frame(transcripts: pd.DataFrame) -> pd.DataFrame:
@@ -80,8 +74,8 @@ def hh_transcripts_frame(transcripts: pd.DataFrame) -> pd.DataFrame:
 
     The split follows ingest, so a pair's `pair_id` here equals the one ingest gives it.
     """
-    chosen = [split_hh_transcript(t) for t in transcripts["chosen"]]
-    rejected = [split_hh_transcript(t) for t in transcripts["rejected"]]
+    chosen = [_prompt_and_response(t) for t in transcripts["chosen"]]
+    rejected = [_prompt_and_response(t) for t in transcripts["rejected"]]
     frame = pd.DataFrame({"row": range(len(transcripts))})
     frame["prompt"] = _text_series(c[0] for c in chosen)
     frame["chosen"] = _text_series(c[1] for c in chosen)
@@ -146,7 +140,7 @@ def _required(config: QualityConfig, columns: Sequence[str]) -> Check:
 def _token_counts(tokenizer: Any, texts: pd.Series) -> pd.arrays.IntegerArray:
     """Tokens per text with a Hugging Face-style tokenizer: `tokenizer(texts, add_special_tokens=False)`."""
     present = [i for i, t in enumerate(texts) if isinstance(t, str)]
-    batch = [printable(texts.iat[i]) for i in present]
+    batch = [escape_surrogates(texts.iat[i]) for i in present]
     ids = tokenizer(batch, add_special_tokens=False)["input_ids"] if present else []
     counts: list[int | None] = [None] * len(texts)
     for i, token_ids in zip(present, ids):
@@ -184,7 +178,7 @@ def _pair_checks(frame: pd.DataFrame, config: QualityConfig, tokenizer: Any) -> 
     unique = _flags(f if ok else None for ok, f in zip(complete, first))
     checks.append(_flag_check(config, frame, "unique_pair", None, unique))
     if all(c in frame for c in TRANSCRIPT_COLUMNS):
-        prefixes = ((split_hh_transcript(c)[0], split_hh_transcript(r)[0])
+        prefixes = ((_prompt_and_response(c)[0], _prompt_and_response(r)[0])
                     for c, r in zip(frame.chosen_transcript, frame.rejected_transcript))
         same = (None if c is None and r is None else c is not None and c == r for c, r in prefixes)
         checks.append(_flag_check(config, frame, "same_conversation_prefix", "rejected", _flags(same)))
@@ -334,13 +328,6 @@ def validate_scores(scores_df: pd.DataFrame, config: QualityConfig | None = None
 # --- the store -----------------------------------------------------------------------------------
 
 
-def _scoring_models(store: Any, name: str, version: int) -> list[str]:
-    return store.sql(
-        "SELECT DISTINCT s.model_key FROM dataset_pairs dp JOIN scores s USING (pair_id) "
-        "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[name, version],
-    ).model_key.tolist()
-
-
 def _previous_scores(store: Any, name: str, version: int, model_key: str) -> pd.DataFrame | None:
     if version <= 1:
         return None
@@ -370,17 +357,7 @@ def run_quality(store: Any, dataset: str, version: int | None = None, model_key:
         save_suite(store, pairs.suites[0], dv.name, dv.version)
         report.suites += pairs.suites
     if "scores" in wanted:
-        models = _scoring_models(store, dv.name, dv.version)
-        if model_key is not None and model_key not in models:
-            raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} has no scores for model {model_key!r} "
-                                  f"(scored by: {', '.join(models) or 'none yet'})")
-        if model_key is None and len(models) > 1:
-            raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} was scored by several models; pass --model "
-                                  f"with one of: {', '.join(models)}")
-        model_key = model_key or (models[0] if models else None)
-        if model_key is None and suites != "all":
-            raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} has no scores yet; run "
-                                  f"`ches-curate score --dataset {dv.name}` first")
+        model_key = store.scoring_model(dv.name, dv.version, model_key, required=suites != "all")
         if model_key is None:
             report.notes.append(f"scores suite skipped: dataset {dv.name!r} v{dv.version} has no scores yet")
         else:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ches_curate.config_files import load_yaml_model
 from ches_curate.errors import ChesCurateError
+from ches_curate.quality.ge import gx_module, json_safe_expectation
 
 Severity = Literal["error", "warn"]
 Suite = Literal["pairs", "scores"]
@@ -158,8 +159,6 @@ class QualityConfig(BaseModel):
 @functools.cache
 def expectation_classes() -> dict[str, type]:
     """GE expectation classes usable on a pandas DataFrame, by snake_case type name."""
-    from ches_curate.quality_results import gx_module
-
     gx = gx_module()
     from great_expectations.expectations.expectation import Expectation
 
@@ -175,6 +174,4 @@ def expectation_class(name: str) -> type:
     classes = expectation_classes()
     if name not in classes:
         raise ChesCurateError(f"unknown expectation {name!r}; valid names: {', '.join(sorted(classes))}")
-    from ches_curate.quality_results import json_safe_expectation
-
     return json_safe_expectation(classes[name])

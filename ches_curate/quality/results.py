@@ -1,25 +1,16 @@
-"""Running a quality suite through Great Expectations, and recording what it found.
+"""What a quality suite found: GE's result as `ExpectationResult`s, and its record in the store.
 
-One ephemeral GE context serves the whole process: importing `great_expectations`
-costs about 4 s, creating a context about 20 ms, so both happen once, lazily. Each
-suite run adds a throwaway `ExpectationSuite` and `ValidationDefinition`, runs them
-with result format COMPLETE (every unexpected row index) and removes them again.
-`run_suite` turns GE's result into `ExpectationResult`s, the error-row fraction and
-the quarantine records; `save_suite` writes them to `quality_runs`,
-`quality_results` and `quarantine`.
+`run_suite` runs the checks through `ge.run_ge` and turns GE's result into
+`ExpectationResult`s, the error-row fraction and the quarantine records; `save_suite`
+writes them to `quality_runs`, `quality_results` and `quarantine` in one transaction.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import json
-import logging
 import math
-import os
 import re
-import uuid
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from ches_curate.errors import ChesCurateError
-from ches_curate.quality_config import Severity
+from ches_curate.quality.config import Severity
+from ches_curate.quality.ge import run_ge
 
 GE_SEVERITY = {"error": "critical", "warn": "warning"}
 SAMPLE = 5
@@ -37,74 +29,6 @@ LIST_CAP = 20
 TEXT_CAP = 2048
 """Characters kept of each text in stored JSON."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-# --- the Great Expectations engine ---------------------------------------------------------------
-
-
-@functools.cache
-def gx_module() -> Any:
-    """`great_expectations`, imported once with analytics off and its logging quiet."""
-    os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    with warnings.catch_warnings():  # GE 1.24 imports the deprecated sre_constants/sre_parse
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import great_expectations as gx
-
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    return gx
-
-
-@functools.cache
-def _context() -> tuple[Any, Any]:
-    """The process's ephemeral context (progress bars off) and its whole-DataFrame batch definition."""
-    gx = gx_module()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    asset = context.data_sources.add_pandas("ches_curate").add_dataframe_asset("frame")
-    return context, asset.add_batch_definition_whole_dataframe("whole")
-
-
-@functools.cache
-def percentiles_class() -> type:
-    gx = gx_module()
-
-    class ExpectColumnPercentilesToBeBetween(gx.expectations.ExpectColumnQuantileValuesToBeBetween):
-        """GE's quantile expectation with plain-bool results: GE 1.24 returns numpy bools there, which its own
-        result store cannot serialize ("Object of type bool is not JSON serializable")."""
-
-        def _validate(self, metrics, runtime_configuration=None, execution_engine=None):
-            outcome = super()._validate(metrics, runtime_configuration, execution_engine)
-            details = outcome["result"]["details"]
-            details["success_details"] = [bool(ok) for ok in details["success_details"]]
-            return dict(outcome, success=bool(outcome["success"]))
-
-    return ExpectColumnPercentilesToBeBetween
-
-
-def json_safe_expectation(cls: type) -> type:
-    """`cls`, or its JSON-safe replacement where GE's own class breaks result serialization."""
-    return percentiles_class() if cls is gx_module().expectations.ExpectColumnQuantileValuesToBeBetween else cls
-
-
-def _run_ge(suite: str, frame: pd.DataFrame, expectations: list[Any]) -> dict[str, Any]:
-    """Validate `frame` with a throwaway suite and validation definition; GE's result as a JSON dict."""
-    gx = gx_module()
-    context, batch_definition = _context()
-    name = f"{suite}-{uuid.uuid4().hex}"
-    expectation_suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=name, data=batch_definition, suite=expectation_suite)
-    )
-    try:
-        result = definition.run(batch_parameters={"dataframe": frame}, result_format={"result_format": "COMPLETE"})
-    finally:
-        context.validation_definitions.delete(name)
-        context.suites.delete(name)
-        for key in context.validation_results_store.list_keys():  # keep the cached context's memory flat
-            context.validation_results_store.remove_key(key)
-    return result.to_json_dict()
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -230,7 +154,7 @@ def run_suite(suite: str, frame: pd.DataFrame, checks: list[Check], max_failure_
               raw_columns: list[str]) -> SuiteResult:
     """Validate `frame` with `checks` and interpret the result; `raw_columns` go into quarantine records."""
     started = _now()
-    ge_result = _run_ge(suite, ge_frame(frame), [c.expectation for c in checks])
+    ge_result = run_ge(suite, ge_frame(frame), [c.expectation for c in checks])
     by_name = {c.name: c for c in checks}
     order = list(by_name)
     results = sorted(
@@ -300,11 +224,12 @@ def ge_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy GE can fingerprint: lone surrogates (judged by `*_valid_utf8` beforehand) become escapes."""
     safe = frame.copy()
     for column in safe.columns[safe.dtypes == object]:
-        safe[column] = pd.Series([printable(v) for v in safe[column]], dtype=object)
+        safe[column] = pd.Series([escape_surrogates(v) for v in safe[column]], dtype=object)
     return safe
 
 
-def printable(value: Any) -> Any:
+def escape_surrogates(value: Any) -> Any:
+    """A text with lone surrogates (which GE and DuckDB's JSON refuse) as readable `\\udXXX` escapes."""
     if isinstance(value, str) and _SURROGATE.search(value):
         return value.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
     return value
@@ -328,7 +253,7 @@ def jsonable(value: Any, keep_surrogates: bool = False) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return value[:TEXT_CAP] if keep_surrogates else printable(value[:TEXT_CAP])
+        return value[:TEXT_CAP] if keep_surrogates else escape_surrogates(value[:TEXT_CAP])
     return None if pd.isna(value) else str(value)
 
 
@@ -347,32 +272,26 @@ def save_suite(store: Any, result: SuiteResult, dataset_name: str, dataset_versi
                "max_failure_rate": result.max_failure_rate, "n_quarantined": len(result.quarantine),
                "failed_errors": errors,
                "failed_warnings": [r.name for r in result.results if not r.success and r.severity == "warn"]}
-    with store.connect() as con:
-        con.begin()
-        try:
-            run_id = con.execute(
-                "INSERT INTO quality_runs (suite, dataset_name, dataset_version, model_key, started_at, finished_at, "
-                "success, n_rows, failure_rate, summary, ge_result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "RETURNING quality_run_id",
-                [result.suite, dataset_name, dataset_version, model_key, result.started_at, result.finished_at,
-                 result.success, result.n_rows, result.failure_rate, json.dumps(summary),
-                 json.dumps(result.ge_result, ensure_ascii=True)],
-            ).fetchone()[0]
-            con.executemany(
-                "INSERT INTO quality_results (quality_run_id, expectation, severity, success, unexpected_count, "
-                "unexpected_pair_ids, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [[run_id, r.name, r.severity, r.success, r.unexpected_count, json.dumps(r.unexpected_pair_ids),
-                  json.dumps(r.details, ensure_ascii=True)] for r in result.results],
-            )
-            known = set(con.execute(
-                "SELECT expectation, pair_id, reason FROM quarantine WHERE stage = 'quality' AND dataset_name = ? "
-                "AND dataset_version = ?", [dataset_name, dataset_version]).fetchall())
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-    fresh = [dict(q, dataset_name=dataset_name, dataset_version=dataset_version) for q in result.quarantine
-             if (q["expectation"], q["pair_id"], q["reason"]) not in known]
-    store.add_quarantine(fresh)
+    with store.transaction() as con:  # the run, its results and its quarantined rows: all or nothing
+        run_id = con.execute(
+            "INSERT INTO quality_runs (suite, dataset_name, dataset_version, model_key, started_at, finished_at, "
+            "success, n_rows, failure_rate, summary, ge_result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "RETURNING quality_run_id",
+            [result.suite, dataset_name, dataset_version, model_key, result.started_at, result.finished_at,
+             result.success, result.n_rows, result.failure_rate, json.dumps(summary),
+             json.dumps(result.ge_result, ensure_ascii=True)],
+        ).fetchone()[0]
+        con.executemany(
+            "INSERT INTO quality_results (quality_run_id, expectation, severity, success, unexpected_count, "
+            "unexpected_pair_ids, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [[run_id, r.name, r.severity, r.success, r.unexpected_count, json.dumps(r.unexpected_pair_ids),
+              json.dumps(r.details, ensure_ascii=True)] for r in result.results],
+        )
+        known = set(con.execute(
+            "SELECT expectation, pair_id, reason FROM quarantine WHERE stage = 'quality' AND dataset_name = ? "
+            "AND dataset_version = ?", [dataset_name, dataset_version]).fetchall())
+        store.append_quarantine(con, [dict(q, dataset_name=dataset_name, dataset_version=dataset_version)
+                                      for q in result.quarantine
+                                      if (q["expectation"], q["pair_id"], q["reason"]) not in known])
     result.quality_run_id = int(run_id)
     return result.quality_run_id

@@ -22,10 +22,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ches_curate import connections, integrity, migrations
+from ches_curate.store import connections, integrity, migrations
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
-from ches_curate.records import (
+from ches_curate.store.records import (
     LINK_SCHEMA, QUARANTINE_FIELDS, QUARANTINE_SCHEMA, ContentHash, DatasetVersion, ParquetSpill, pair_from_record,
     pairs_table, quarantine_table, to_json,
 )
@@ -110,7 +110,7 @@ class Store:
             raise
 
     @contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One write transaction: all of it is committed, or (on any error, or a kill) none of it."""
         with self.connect() as con:
             con.begin()
@@ -147,7 +147,7 @@ class Store:
             if not links.num_rows:
                 raise _no_valid_pairs(source or name, rejected)
             content_hash = digest.hexdigest()
-            with self._transaction() as con:
+            with self.transaction() as con:
                 latest = con.execute(
                     "SELECT version, content_hash, n_pairs, n_quarantined, source FROM datasets WHERE name = ? "
                     "ORDER BY version DESC LIMIT 1", [name]
@@ -213,7 +213,7 @@ class Store:
         first: dict[str, int] = {}
         for i, pair_id in enumerate(pair_ids):
             first.setdefault(pair_id, i)
-        with self._transaction() as con:
+        with self.transaction() as con:
             con.register("new_pairs", table if len(first) == len(pair_ids) else table.take(list(first.values())))
             con.execute(
                 "INSERT INTO pairs SELECT * FROM new_pairs n "
@@ -311,7 +311,7 @@ class Store:
             last_row = page[-1]["row"]
 
     def register_model(self, key: str, info: dict[str, Any]) -> None:
-        with self._transaction() as con:
+        with self.transaction() as con:
             _insert_model(con, key, info)
 
     def score_counts(self, name: str, version: int, model_key: str) -> tuple[int, int]:
@@ -329,7 +329,7 @@ class Store:
         zenml_run_id: str | None = None, n_skipped: int = 0, model_info: dict[str, Any] | None = None,
     ) -> int:
         """Open a `running` score run; with `model_info`, register the model in the same transaction."""
-        with self._transaction() as con:
+        with self.transaction() as con:
             if model_info is not None:
                 _insert_model(con, model_key, model_info)
             return con.execute(
@@ -347,7 +347,7 @@ class Store:
         """
         columns = ", ".join(SCORE_VALUES)
         batch = frame.loc[:, ["pair_id", *SCORE_VALUES]]
-        with self._transaction() as con:
+        with self.transaction() as con:
             con.register("batch", batch)
             added = con.execute(
                 f"INSERT INTO scores (pair_id, model_key, {columns}, run_id) "
@@ -364,7 +364,7 @@ class Store:
         if unknown:
             raise ValueError(f"unknown score_runs counts: {sorted(unknown)}")
         sets = "".join(f", {name} = ?" for name in counts)
-        with self._transaction() as con:
+        with self.transaction() as con:
             con.execute(
                 f"UPDATE score_runs SET status = ?, finished_at = {migrations.NOW_UTC}{sets} WHERE run_id = ?",
                 [status, *counts.values(), run_id],
@@ -378,7 +378,7 @@ class Store:
         Without `model_key`, the one model that scored the version is used.
         """
         dv = self.dataset_version(name, version)
-        model_key = model_key or self._only_model(dv)
+        model_key = self.scoring_model(dv.name, dv.version, model_key)
         score_cols = ", ".join(f"s.{c}" for c in SCORE_VALUES)
         with self.connect(read_only=True) as con:
             frame = con.execute(
@@ -391,18 +391,33 @@ class Store:
         frame["metadata"] = [json.loads(m) if isinstance(m, str) else {} for m in frame.metadata]
         return frame.drop(columns="prompt_messages")
 
-    def _only_model(self, dv: DatasetVersion) -> str:
-        keys = self.sql(
+    def scoring_models(self, name: str, version: int) -> list[str]:
+        """Keys of the models with scores for pairs of a dataset version, sorted."""
+        return self.sql(
             "SELECT DISTINCT s.model_key FROM dataset_pairs dp JOIN scores s USING (pair_id) "
-            "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[dv.name, dv.version],
+            "WHERE dp.name = ? AND dp.version = ? ORDER BY 1", params=[name, version],
         ).model_key.tolist()
-        if len(keys) == 1:
-            return keys[0]
-        if not keys:
-            raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} has no scores yet; "
-                                  f"run `ches-curate score --dataset {dv.name}`")
-        raise ChesCurateError(f"dataset {dv.name!r} v{dv.version} was scored by several models; pick one of: "
-                              + ", ".join(keys))
+
+    def scoring_model(self, name: str, version: int, requested: str | None = None, *,
+                      required: bool = True) -> str | None:
+        """The model whose scores of a version to use: `requested` if it scored the version, else the only one.
+
+        Several models and no choice is an error naming them; no model at all is an error
+        unless `required=False` (then None). Every command that reads scores asks here.
+        """
+        keys = self.scoring_models(name, version)
+        if requested is not None:
+            if requested not in keys:
+                raise ChesCurateError(f"dataset {name!r} v{version} has no scores from model {requested!r} "
+                                      f"(scored by: {', '.join(keys) or 'no model yet'})")
+            return requested
+        if len(keys) > 1:
+            raise ChesCurateError(f"dataset {name!r} v{version} was scored by several models; pick one with "
+                                  f"--model-key: {', '.join(keys)}")
+        if not keys and required:
+            raise ChesCurateError(f"dataset {name!r} v{version} has no scores yet; "
+                                  f"run `ches-curate score --dataset {name}`")
+        return keys[0] if keys else None
 
     def save_selection(
         self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
@@ -410,7 +425,7 @@ class Store:
     ) -> int:
         """Record one filter decision per pair (`frame`: pair_id, kept, rank); returns the new selection_id."""
         decisions = frame.loc[:, ["pair_id", "kept", "rank"]].drop_duplicates("pair_id")
-        with self._transaction() as con:
+        with self.transaction() as con:
             selection_id = con.execute("SELECT nextval('selection_id_seq')").fetchall()[0][0]
             con.register("decisions", decisions)
             con.execute(
@@ -431,12 +446,13 @@ class Store:
     def add_quarantine(self, rows: Iterable[dict[str, Any]]) -> int:
         """Quarantine rows (dicts with keys from QUARANTINE_FIELDS; `stage` and `reason` required)."""
         rows = list(rows)
-        with self._transaction() as con:
-            self._append_quarantine(con, rows)
+        with self.transaction() as con:
+            self.append_quarantine(con, rows)
         return len(rows)
 
     @staticmethod
-    def _append_quarantine(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+    def append_quarantine(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+        """Quarantine rows inside the caller's `transaction()` (so they commit with what flagged them)."""
         if rows:
             con.register("new_quarantine", quarantine_table(rows))
             columns = ", ".join(QUARANTINE_FIELDS)

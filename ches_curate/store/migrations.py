@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ches_curate import integrity
+from ches_curate.store import integrity
 from ches_curate.errors import ChesCurateError
 
 NOW_UTC = "(timezone('UTC', current_timestamp))"

@@ -1,0 +1,78 @@
+"""The settings of the training and evaluation stages: one object per stage, defaults documented.
+
+Plain dataclasses with no torch import, so the CLI builds its options from their
+defaults and a pipeline config validates its `ablation.train` and
+`ablation.evaluate.generation` sections against them (unknown keys are refused)
+without loading a model. (Scoring's settings are `ches_curate.scoring.ScoringConfig`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ConfigDict
+
+_STRICT = ConfigDict(extra="forbid")
+"""How pydantic validates these dataclasses inside a pipeline config: an unknown key is an error."""
+
+
+@dataclass
+class TrainConfig:
+    """DPO hyper-parameters; CPU-safe defaults (float32, no gradient checkpointing, no reporting)."""
+
+    __pydantic_config__ = _STRICT
+
+    beta: float = 0.1
+    """DPO temperature: the implicit reward is beta * log(pi / pi_ref)."""
+    learning_rate: float = 1e-6
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; overrides `epochs` when > 0."""
+    batch_size: int = 4
+    """Pairs per device step (TRL's `per_device_train_batch_size`)."""
+    gradient_accumulation: int = 1
+    max_length: int | None = 512
+    """Tokens of prompt + response; the same limit applies to likelihood tracking."""
+    sft_weight: float = 0.0
+    """> 0 adds an SFT term on y+ (TRL `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, sft_weight]`)."""
+    lora: bool = False
+    """Train a LoRA adapter (peft) instead of all weights; it is merged into the model after training."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: str | list[str] = "all-linear"
+    lr_scheduler_type: str = "linear"
+    seed: int = 0
+    output_dir: str = "runs/dpo"
+    save_model: bool = True
+    """Save the trained model (or LoRA adapter) and tokenizer to `output_dir`."""
+    track_every: int = 0
+    """Also record per-pair log-probabilities every N optimizer steps (0: before and after only)."""
+    track_batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Greedy generation settings for the refusal evaluation."""
+
+    __pydantic_config__ = _STRICT
+
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    max_prompt_tokens: int = 256
+    """Longer prompts keep their last tokens."""
+
+
+@dataclass
+class ProbeConfig:
+    """The single-pair DPO probe; training goes through `train_dpo` (TRL) with these settings."""
+
+    __pydantic_config__ = _STRICT
+
+    steps: int = 20
+    learning_rate: float = 1e-6
+    """Small enough that P(y+) is not simply driven to 1 (Razin et al. use small rates too)."""
+    beta: float = 0.1
+    top_k: int = 10
+    watch: tuple[str, ...] = ("Yes",)
+    """Tokens to report whatever their rank (first token of each, tokenized as a response)."""
+    seed: int = 0
