@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ches_curate.errors import ChesCurateError
-from ches_curate.scoring import ScoringConfig
+
+if TYPE_CHECKING:
+    from ches_curate.scoring import ScoringConfig
 
 console = Console()
 
@@ -18,6 +20,8 @@ MODEL_HELP = "Hub id, local model directory, .gguf file, or 'default' (SmolLM2-1
 
 
 def scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt=True, trust_remote_code=False):
+    from ches_curate.scoring import ScoringConfig  # imports torch: only when a command scores
+
     return ScoringConfig(
         batch_size=batch_size, max_length=max_length, device=device, dtype=dtype, on_error=on_error,
         share_prompt=share_prompt, trust_remote_code=trust_remote_code,
