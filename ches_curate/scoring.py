@@ -272,7 +272,7 @@ class Scorer:
         dtype = self.loaded.model.dtype
         mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~(seen & causal), torch.finfo(dtype).min)
         hidden = self.base(input_ids=ids_t.to(device), position_ids=self._pad(positions, 0).to(device),
-                           attention_mask=mask.unsqueeze(1)).last_hidden_state
+                           attention_mask=mask.unsqueeze(1), use_cache=False).last_hidden_state
         return _gather_sums(hidden, predicting, owners, lasts, 2 * len(tokens))
 
     def _hidden_sums_cached(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +315,7 @@ class Scorer:
         mask = self._pad([[1] * len(s) for s in sequences], 0)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.base(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=pos.to(device)).last_hidden_state
+                           position_ids=pos.to(device), use_cache=False).last_hidden_state
         width = ids.shape[1]
         predicting, owners, lasts = [], [], []
         for row, t in enumerate(tokens):
