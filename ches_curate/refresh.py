@@ -71,15 +71,12 @@ def diff_selections(store: Store, previous_id: int | None, current_id: int) -> S
 
 
 def matching_selections(store: Store, name: str, model_key: str, policy: PolicySpec) -> pd.DataFrame:
-    """Selections of dataset `name` made by `policy` with the same (validated) parameters and model, newest first.
-
-    Columns: selection_id, dataset_version.
+    """Selections of dataset `name` made by `policy` with the same (validated) parameters and model, newest first,
+    ablation arms aside. Columns: selection_id, dataset_version.
     """
     params = validate_params(get_policy(policy.name).obj, policy.params).model_dump(mode="json")
-    found = store.sql(
-        "SELECT DISTINCT selection_id, dataset_version, params FROM selections WHERE dataset_name = ? AND policy = ? "
-        "AND model_key = ? ORDER BY selection_id DESC", params=[name, policy.name, model_key],
-    )
+    found = store.selections(name, include_ablation=False)
+    found = found[(found.policy == policy.name) & (found.model_key == model_key)]
     same = pd.Series([json.loads(p) == params for p in found.params], index=found.index, dtype=bool)
     return found.loc[same, ["selection_id", "dataset_version"]].reset_index(drop=True)
 
@@ -96,5 +93,5 @@ def reselect(store: Store, name: str, version: int, model_key: str, policy: Poli
         return load_selection(store, selection_id), diff_selections(store, selection_id, selection_id)
     earlier = matching[matching.dataset_version < version]
     previous = int(earlier.selection_id.iloc[0]) if len(earlier) else None
-    selection = select(store, name, version, model_key, policy.name, policy.params)
+    selection = select(store, name, version, model_key, policy.name, policy.params, source="refresh")
     return selection, diff_selections(store, previous, selection.selection_id)

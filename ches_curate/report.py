@@ -164,11 +164,9 @@ def _selection(store: Store, selection_id: int) -> dict[str, Any]:
 
 
 def _latest_selection(store: Store, dv: DatasetVersion, model_key: str) -> dict[str, Any] | None:
-    latest = store.sql(
-        "SELECT max(selection_id) AS selection_id FROM selections WHERE dataset_name = ? AND dataset_version = ? "
-        "AND (model_key IS NULL OR model_key = ?)", params=[dv.name, dv.version, model_key],
-    ).selection_id.iloc[0]
-    return None if pd.isna(latest) else _selection(store, int(latest))
+    """The newest selection of this version and model that a user made (ablation arms aside)."""
+    latest = store.latest_user_selection(dv.name, dv.version, model_key)
+    return None if latest is None else _selection(store, latest)
 
 
 def _scores(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None) -> pd.DataFrame:

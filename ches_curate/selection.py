@@ -3,7 +3,8 @@
 `select` is the one way a selection is made, by the CLI (`filter`), the pipelines
 (curation, refresh) and the ablation arms alike: the policy sees each scored pair
 once, never a quarantined one (it failed an `error` quality expectation or could not
-be scored), and the decision is stored in one transaction.
+be scored), and the decision is stored in one transaction, with where it came from
+(`source`). Making the same selection twice records it once (`Store.record_selection`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Selection:
     """pair_id, kept, rank: the policy's decision."""
     result: SelectionResult | None = None
     """The policy's full result (with the input-row counts), when the selection was just made."""
+    reused: bool = False
+    """True when an identical selection was already recorded and `selection_id` is that one."""
 
     @property
     def kept_fraction(self) -> float:
@@ -87,19 +90,20 @@ def selectable_scores(store: Store, name: str, version: int, model_key: str) -> 
 
 
 def select(store: Store, name: str, version: int, model_key: str, policy: str, params: dict[str, Any] | None = None,
-           *, scores: tuple[pd.DataFrame, int] | None = None) -> Selection:
+           *, scores: tuple[pd.DataFrame, int] | None = None, source: str = "api") -> Selection:
     """Apply `policy` to the version's scored, non-quarantined pairs and record the decision.
 
     Quarantined pairs get no `selections` row, so a selection's kept pairs (what `export`
     writes) passed quality and the policy. `scores` is `selectable_scores(...)` when the
-    caller already has it (an ablation selects several arms from one read).
+    caller already has it (an ablation selects several arms from one read). `source` says
+    who asked: `cli`, `pipeline`, `refresh`, `ablation` or `api` (a Python caller).
     """
     frame, n_excluded = scores if scores is not None else selectable_scores(store, name, version, model_key)
     result = apply_policy(frame, policy, params)
-    selection_id = store.save_selection(result.policy, result.params, name, version, model_key, result.frame,
-                                        result.score_column)
+    selection_id, reused = store.record_selection(result.policy, result.params, name, version, model_key,
+                                                  result.frame, result.score_column, source=source)
     return Selection(selection_id, name, version, model_key, result.policy, result.params, len(result.frame),
-                     result.n_kept, n_excluded, result.frame, result)
+                     result.n_kept, n_excluded, result.frame, result, reused)
 
 
 def load_selection(store: Store, selection_id: int) -> Selection:

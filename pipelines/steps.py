@@ -90,7 +90,7 @@ def select_pairs(store: str, score_run: dict, policy: PolicySpec) -> tuple[
 ]:
     """Apply the policy plugin to the scored pairs that passed quality; recorded in `selections`."""
     selection = select(Store(store), score_run["dataset_name"], score_run["dataset_version"],
-                       score_run["model_key"], policy.name, policy.params)
+                       score_run["model_key"], policy.name, policy.params, source="pipeline")
     record("selection", selection.metadata())
     return selection.frame, selection.metadata()
 

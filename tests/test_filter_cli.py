@@ -158,7 +158,7 @@ def test_every_caller_selects_from_the_same_pairs_and_leaves_quarantined_ones_ou
     assert result.exit_code == 0, result.output
     assert "kept 4, removed 1 of 5 pairs (20.0% removed)" in result.output
     assert "1 quarantined pairs were left out before the policy" in result.output
-    by_pipeline = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 1})
+    by_pipeline = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 1}, source="pipeline")
     arms = plan_arms(store, "toy", 1, MODEL_KEY, [("top-k", {"k": 1})], seeds=(0,))
     stored = store.sql("SELECT selection_id, list(pair_id ORDER BY pair_id) AS ids, count(*) FILTER (kept) AS kept "
                        "FROM selections GROUP BY 1 ORDER BY 1")

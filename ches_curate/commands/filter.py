@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ches_curate import plugins
-from ches_curate.commands import options
+from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.policies import (
     PolicyParams,
@@ -36,6 +36,7 @@ EXCERPT_CHARS = 60
 def register(app: typer.Typer) -> None:
     app.command("policies")(policies)
     app.command("filter")(filter_pairs)
+    app.command("selections")(selections)
 
 
 def policies(
@@ -86,12 +87,58 @@ def filter_pairs(
     dv = store.dataset_version(dataset, version)
     model_key = store.scoring_model(dv.name, dv.version, model_key)
     scores = selectable_scores(store, dv.name, dv.version, model_key)
-    selection = select(store, dv.name, dv.version, model_key, policy, params, scores=scores)
+    selection = select(store, dv.name, dv.version, model_key, policy, params, scores=scores, source="cli")
     result = selection.result
     _print_result(selection.selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}",
                   selection.n_excluded)
+    if selection.reused:
+        console.print(f"the same decisions were already recorded as selection {selection.selection_id}: reused it, "
+                      "nothing new was written", highlight=False)
     if show and result.n_removed:
         console.print(removed_table(scores[0], result, show))
+
+
+def selections(
+    dataset: options.OptionalDataset = None,
+    version: options.Version = None,
+    diff: Optional[tuple[int, int]] = typer.Option(
+        None, "--diff", help="Compare selection A (before) with B (after), pair by pair.", metavar="A B"
+    ),
+    arms: bool = typer.Option(False, "--ablation-arms", help="Also list the selections ablation arms made."),
+    show: int = typer.Option(20, "--show", min=0, help="With --diff: how many changed pairs to list."),
+    db: options.Db = None,
+) -> None:
+    """List recorded selections, newest first, with where each came from; or diff two of them."""
+    from ches_curate.store import Store
+
+    store = Store(db, create=False)
+    if diff is not None:
+        _print_diff(store, *diff, show)
+        return
+    frame = store.selections(dataset, version, include_ablation=arms)
+    if frame.empty:
+        console.print(Text(printable(f"no selections yet{f' for {dataset!r}' if dataset else ''}; "
+                                     "make one with `ches-curate filter`")))
+        return
+    columns = ["selection_id", "source", "dataset_name", "dataset_version", "model_key", "policy", "params",
+               "n_kept", "n_removed", "created_at"]
+    headers, rows = tables.frame_rows(frame.loc[:, columns])
+    tables.print_table(console, headers, rows, title="selections (newest first; `export --selection ID`)")
+
+
+def _print_diff(store: Any, before: int, after: int, show: int) -> None:
+    from ches_curate.refresh import CHANGES, diff_selections
+
+    for selection_id in (before, after):
+        store.selection(selection_id)  # an unknown id is an error listing the known ones
+    diff = diff_selections(store, before, after)
+    counts = diff.counts()
+    summary = ", ".join(f"{counts[f'diff_{c}']:,} {c.replace('_', ' ')}" for c in CHANGES)
+    console.print(f"selection {before} -> {after}: {summary}, {counts['diff_unchanged']:,} unchanged", highlight=False)
+    if show and len(diff.changes):
+        headers, rows = tables.frame_rows(diff.changes.head(show))
+        title = f"first {min(show, len(diff.changes))} of {len(diff.changes):,} changed pairs"
+        tables.print_table(console, headers, rows, title=title)
 
 
 def _print_result(selection_id: int, result: SelectionResult, where: str, n_excluded: int = 0) -> None:

@@ -34,6 +34,14 @@ DEFAULT_DB = "ches_curate.duckdb"
 INSERT_BATCH = 10_000
 PAGE_SIZE = 5_000
 SCORE_VALUES = SCORE_COLUMNS[2:]
+SELECTION_SOURCES = ("cli", "pipeline", "refresh", "ablation", "api", "unknown")
+"""Where a selection came from (`selections.source`): `unknown` marks the ones made before migration 6."""
+TRAIN_RUN_COLUMNS = (
+    "dataset_name", "dataset_version", "selection_id", "model_key", "n_train_pairs", "global_step", "train_loss",
+    "reward_accuracy", "preferred_logp_change", "dispreferred_logp_change", "preferred_decrease_fraction",
+    "ches_logp_corr", "ln_ches_logp_corr", "wall_time_s", "checkpoint_dir", "config",
+)
+"""Columns of a `train_runs` row as written (`train_run_id` and `created_at` are filled by the store)."""
 
 
 def _sql_error(err: duckdb.Error, write: bool, path: Path) -> ChesCurateError:
@@ -421,19 +429,101 @@ class Store:
 
     def save_selection(
         self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
-        frame: pd.DataFrame, score_column: str | None,
+        frame: pd.DataFrame, score_column: str | None, *, source: str = "api",
     ) -> int:
-        """Record one filter decision per pair (`frame`: pair_id, kept, rank); returns the new selection_id."""
+        """Record one filter decision per pair (`frame`: pair_id, kept, rank); returns the selection_id.
+
+        An identical selection already recorded (see `record_selection`) is returned instead of a copy.
+        """
+        return self.record_selection(policy, params, name, version, model_key, frame, score_column, source=source)[0]
+
+    def record_selection(
+        self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
+        frame: pd.DataFrame, score_column: str | None, *, source: str = "api",
+    ) -> tuple[int, bool]:
+        """`save_selection`, and whether an identical selection was reused rather than written.
+
+        Identical: same source, dataset version, model, policy, params, score column and the
+        same (pair_id, kept, rank) for every pair. The source is part of it so that a
+        selection keeps saying where it came from: the same `filter` twice is one selection,
+        while an ablation arm never takes over (or hands over) a user's selection, which
+        `report` and `selections` show by default.
+        """
+        if source not in SELECTION_SOURCES:
+            raise ValueError(f"selection source {source!r} is not one of {', '.join(SELECTION_SOURCES)}")
         decisions = frame.loc[:, ["pair_id", "kept", "rank"]].drop_duplicates("pair_id")
+        params_json = to_json(params)
         with self.transaction() as con:
-            selection_id = con.execute("SELECT nextval('selection_id_seq')").fetchall()[0][0]
             con.register("decisions", decisions)
+            same = con.execute(
+                """SELECT s.selection_id FROM selections s
+                   LEFT JOIN decisions d ON d.pair_id = s.pair_id AND d.kept = s.kept AND d.rank IS NOT DISTINCT FROM s.rank
+                   WHERE s.dataset_name = ? AND s.dataset_version = ? AND s.model_key IS NOT DISTINCT FROM ?
+                     AND s.policy = ? AND CAST(s.params AS VARCHAR) IS NOT DISTINCT FROM ?
+                     AND s.score_column IS NOT DISTINCT FROM ? AND s.source = ?
+                   GROUP BY s.selection_id HAVING count(*) = ? AND count(d.pair_id) = ?
+                   ORDER BY s.selection_id DESC LIMIT 1""",
+                [name, version, model_key, policy, params_json, score_column, source,
+                 len(decisions), len(decisions)],
+            ).fetchall()
+            if same:
+                return int(same[0][0]), True
+            selection_id = con.execute("SELECT nextval('selection_id_seq')").fetchall()[0][0]
             con.execute(
                 "INSERT INTO selections (selection_id, policy, params, dataset_name, dataset_version, model_key, "
-                "pair_id, kept, rank, score_column) SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ? FROM decisions",
-                [selection_id, policy, to_json(params), name, version, model_key, score_column],
+                "pair_id, kept, rank, score_column, source) "
+                "SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ?, ? FROM decisions",
+                [selection_id, policy, params_json, name, version, model_key, score_column, source],
             )
-        return int(selection_id)
+        return int(selection_id), False
+
+    def selections(self, name: str | None = None, version: int | None = None, *,
+                   include_ablation: bool = True) -> pd.DataFrame:
+        """One row per selection, newest first: selection_id, source, dataset_name, dataset_version, model_key,
+        policy, params, score_column, n_pairs, n_kept, n_removed, created_at.
+
+        An arm named by an `ablations` row counts as `ablation` whatever its recorded source.
+        """
+        arms = "(SELECT selection_id FROM ablations WHERE selection_id IS NOT NULL)"
+        where = ["TRUE"]
+        values: list[Any] = []
+        if name is not None:
+            where.append("dataset_name = ?")
+            values.append(name)
+        if version is not None:
+            where.append("dataset_version = ?")
+            values.append(version)
+        if not include_ablation:
+            where.append("source <> 'ablation'")
+        return self.sql(
+            f"""SELECT * FROM (
+                  SELECT selection_id, CASE WHEN selection_id IN {arms} THEN 'ablation' ELSE any_value(source) END
+                         AS source, any_value(dataset_name) AS dataset_name,
+                         any_value(dataset_version) AS dataset_version, any_value(model_key) AS model_key,
+                         any_value(policy) AS policy, CAST(any_value(params) AS VARCHAR) AS params,
+                         any_value(score_column) AS score_column, count(*) AS n_pairs,
+                         count(*) FILTER (WHERE kept) AS n_kept, count(*) FILTER (WHERE NOT kept) AS n_removed,
+                         min(created_at) AS created_at
+                  FROM selections GROUP BY selection_id)
+                WHERE {" AND ".join(where)} ORDER BY selection_id DESC""",
+            params=values,
+        )
+
+    def latest_user_selection(self, name: str, version: int, model_key: str | None = None) -> int | None:
+        """The newest selection of a dataset version (and model, if given) that is not an ablation arm."""
+        found = self.selections(name, version, include_ablation=False)
+        if model_key is not None:
+            found = found[found.model_key.isna() | (found.model_key == model_key)]
+        return int(found.selection_id.iloc[0]) if len(found) else None
+
+    def add_train_run(self, row: dict[str, Any]) -> int:
+        """Append one `train_runs` row (keys: its columns but the id and time); returns its train_run_id."""
+        columns = [c for c in TRAIN_RUN_COLUMNS if c in row]
+        with self.transaction() as con:
+            return int(con.execute(
+                f"INSERT INTO train_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+                "RETURNING train_run_id", [row[c] for c in columns],
+            ).fetchall()[0][0])
 
     def selection(self, selection_id: int) -> pd.DataFrame:
         frame = self.sql("SELECT * FROM selections WHERE selection_id = ? ORDER BY rank, pair_id", params=[selection_id])

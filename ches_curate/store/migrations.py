@@ -157,7 +157,27 @@ UNINDEXED_PAIRS_AND_SCORES = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES)
+# Selections made before this migration get the source `unknown`, except the ablation arms (which an
+# `ablations` row names): `report` and `selections` take the latest selection that is not an arm.
+SELECTION_SOURCE_AND_TRAIN_RUNS = Migration(
+    6,
+    "selections.source (cli, pipeline, refresh, ablation, api) and train_runs",
+    (
+        "ALTER TABLE selections ADD COLUMN source VARCHAR DEFAULT 'unknown'",
+        "UPDATE selections SET source = 'ablation' WHERE selection_id IN "
+        "(SELECT selection_id FROM ablations WHERE selection_id IS NOT NULL)",
+        "CREATE SEQUENCE train_run_id_seq START 1",
+        f"""CREATE TABLE train_runs (
+            train_run_id INTEGER PRIMARY KEY DEFAULT nextval('train_run_id_seq'), dataset_name VARCHAR NOT NULL,
+            dataset_version INTEGER NOT NULL, selection_id INTEGER, model_key VARCHAR NOT NULL,
+            n_train_pairs BIGINT NOT NULL, global_step INTEGER, train_loss DOUBLE, reward_accuracy DOUBLE,
+            preferred_logp_change DOUBLE, dispreferred_logp_change DOUBLE, preferred_decrease_fraction DOUBLE,
+            ches_logp_corr DOUBLE, ln_ches_logp_corr DOUBLE, wall_time_s DOUBLE, checkpoint_dir VARCHAR,
+            config JSON, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 
