@@ -70,6 +70,7 @@ EXAMPLES = {
     "report": "ches-curate report --dataset hh -o report.html",
     "policies": "ches-curate policies",
     "filter": "ches-curate filter --dataset hh --policy percentile --param p=90",
+    "selections": "ches-curate selections --dataset hh   # or: ches-curate selections --diff 3 7",
     "quality": "ches-curate quality --dataset hh --suite pairs",
     "train": "ches-curate train --dataset hh --selection 3 --max-steps 50",
     "probe": "ches-curate probe --prompt \"Is the sky blue? Answer yes or no.\" --preferred No --dispreferred Never",
