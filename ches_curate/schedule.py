@@ -5,6 +5,11 @@ machine's scheduler: a crontab entry (installed with `--local`, marked so that
 reinstalling replaces it) or a systemd user timer (printed, with the commands that
 install it). Nothing here imports ZenML: the caller passes the orchestrator flavor.
 
+A scheduler starts the command with almost no environment, so each entry carries what
+a run needs (`scheduled_environment`): offline hub access, analytics off, idle threads
+that sleep, logs without colour codes, and the ZenML store, repository and caches the
+person scheduling it uses.
+
 The crontab program is `$CHES_CURATE_CRONTAB` or `crontab`, so tests run a fake one
 and never touch a real crontab.
 """
@@ -29,6 +34,26 @@ CRONTAB_ENV = "CHES_CURATE_CRONTAB"
 _FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
 _PART = re.compile(r"^(\*|(\d+)(-(\d+))?)(/(\d+))?$")
 _DAY_NAMES = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+SCHEDULED_ENV = {
+    "HF_HUB_OFFLINE": "1",  # the model is already cached; a scheduled run never waits on the hub
+    "ZENML_ANALYTICS_OPT_IN": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",  # idle torch threads sleep instead of spinning against other jobs
+    "NO_COLOR": "1",
+    "TERM": "dumb",
+    "ZENML_LOGGING_COLORS_DISABLED": "true",
+}
+"""Set for every scheduled run: the log file gets plain text and nothing phones home."""
+FORWARDED_ENV = ("CHES_CURATE_HOME", "CHES_CURATE_DB", "ZENML_CONFIG_PATH", "ZENML_REPOSITORY_PATH", "HF_HOME",
+                 "HF_HUB_CACHE")
+"""Copied from the scheduling shell when set, so the run uses the same store, ZenML config and caches."""
+
+
+def scheduled_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables a scheduled run gets: `SCHEDULED_ENV`, plus `FORWARDED_ENV` as set in `environ`."""
+    environ = os.environ if environ is None else environ
+    forwarded = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    return {**SCHEDULED_ENV, **forwarded}
 
 
 def supports_schedules(flavor: str, declared: bool = False) -> bool:
@@ -69,13 +94,21 @@ def marker(pipeline: str) -> str:
     return f"# ches-curate:{pipeline}"
 
 
-def crontab_line(cron: str, command: list[str], workdir: Path, log: Path, pipeline: str) -> str:
-    """One crontab entry: run `command` in `workdir` on `cron`, output appended to `log`, tagged with a marker.
+def crontab_command(command: list[str], workdir: Path, log: Path, env: dict[str, str] | None = None) -> str:
+    """The shell command of a crontab entry: `cd WORKDIR && VAR=value ... COMMAND >> LOG 2>&1`."""
+    env = scheduled_environment() if env is None else env
+    assignments = "".join(f"{name}={shlex.quote(value)} " for name, value in env.items())
+    return f"cd {shlex.quote(str(workdir))} && {assignments}{shlex.join(command)} >> {shlex.quote(str(log))} 2>&1"
+
+
+def crontab_line(cron: str, command: list[str], workdir: Path, log: Path, pipeline: str,
+                 env: dict[str, str] | None = None) -> str:
+    """One crontab entry: run `command` in `workdir` on `cron` with `env` (default `scheduled_environment()`),
+    output appended to `log`, tagged with a marker.
 
     `%` is escaped: cron would turn it into a newline.
     """
-    shell = f"cd {shlex.quote(str(workdir))} && {shlex.join(command)} >> {shlex.quote(str(log))} 2>&1"
-    escaped = shell.replace("%", r"\%")
+    escaped = crontab_command(command, workdir, log, env).replace("%", r"\%")
     return f"{validate_cron(cron)} {escaped} {marker(pipeline)}"
 
 
@@ -140,12 +173,20 @@ def _systemd_days(part: str) -> str:
     return _DAY_NAMES[int(start)] + (f"..{_DAY_NAMES[int(end)]}" if end else "")
 
 
-def systemd_units(cron: str, command: list[str], workdir: Path, pipeline: str) -> dict[str, str]:
-    """A systemd user service and timer running `command` in `workdir` on `cron`, by unit file name."""
+def systemd_units(cron: str, command: list[str], workdir: Path, pipeline: str, log: Path | None = None,
+                  env: dict[str, str] | None = None) -> dict[str, str]:
+    """A systemd user service and timer running `command` in `workdir` on `cron`, by unit file name.
+
+    The service sets `env` (default `scheduled_environment()`) and, with `log`, appends its output there.
+    """
+    env = scheduled_environment() if env is None else env
     unit = f"ches-curate-{pipeline}"
+    environment = "".join(f"Environment={_systemd_quote(f'{name}={value}')}\n" for name, value in env.items())
+    output = f"StandardOutput=append:{log}\nStandardError=append:{log}\n" if log is not None else ""
     service = (
         f"[Unit]\nDescription=ches-curate {pipeline} pipeline\n\n"
-        f"[Service]\nType=oneshot\nWorkingDirectory={workdir}\nExecStart={shlex.join(command)}\n"
+        f"[Service]\nType=oneshot\nWorkingDirectory={workdir}\n{environment}{output}"
+        f"ExecStart={shlex.join(command)}\n"
     )
     timer = (
         f"[Unit]\nDescription=Run ches-curate {pipeline} on cron \"{validate_cron(cron)}\"\n\n"
@@ -155,9 +196,29 @@ def systemd_units(cron: str, command: list[str], workdir: Path, pipeline: str) -
     return {f"{unit}.service": service, f"{unit}.timer": timer}
 
 
+def _systemd_quote(assignment: str) -> str:
+    """`"NAME=value"` with what systemd would interpret escaped: backslashes, double quotes, `%` specifiers."""
+    return '"' + assignment.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+
+
+def systemd_user_dir() -> Path:
+    """Where systemd looks for a user's units: `$XDG_CONFIG_HOME/systemd/user` (default `~/.config/...`)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+
+
+def write_systemd_units(units: dict[str, str], directory: Path | None = None) -> list[Path]:
+    """Write `units` into `directory` (default `systemd_user_dir()`), replacing earlier copies; returns the paths."""
+    directory = systemd_user_dir() if directory is None else directory
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in units.items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
 def systemd_install_commands(units: dict[str, str]) -> list[str]:
-    """The shell commands that install `units` for the current user and start the timer."""
-    directory = "~/.config/systemd/user"
+    """The commands that load the written `units` for the current user and start the timer."""
     timer = next(name for name in units if name.endswith(".timer"))
-    return [f"mkdir -p {directory}", *(f"cp {name} {directory}/" for name in units),
-            "systemctl --user daemon-reload", f"systemctl --user enable --now {timer}"]
+    return ["systemctl --user daemon-reload", f"systemctl --user enable --now {timer}"]

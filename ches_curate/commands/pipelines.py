@@ -130,7 +130,8 @@ def schedule(
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help=CONFIG_HELP),
     db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
     local: bool = typer.Option(False, "--local", help="On a local orchestrator: install a crontab entry instead."),
-    systemd: bool = typer.Option(False, "--systemd", help="On a local orchestrator: print a systemd timer instead."),
+    systemd: bool = typer.Option(False, "--systemd", help="On a local orchestrator: write a systemd user timer "
+                                 "(~/.config/systemd/user) instead."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be scheduled or installed; change nothing."),
 ) -> None:
     """Run a pipeline on a cron schedule: a ZenML Schedule when the active orchestrator supports schedules
@@ -150,13 +151,10 @@ def schedule(
                   "schedules; the machine's scheduler can run the same pipeline instead.", highlight=False)
     command = sched.ches_curate_command(pipeline, config, db)
     workdir = Path.cwd()
-    if systemd:
-        units = sched.systemd_units(cron, command, workdir, pipeline)
-        for name, text in units.items():
-            console.print(f"\n[bold]{name}[/]\n{escape(text)}", highlight=False)
-        console.print("install with:\n  " + "\n  ".join(sched.systemd_install_commands(units)), highlight=False)
-        return
     log = sched.log_path(pipeline)
+    if systemd:
+        _systemd(cron, command, workdir, pipeline, log, dry_run)
+        return
     line = sched.crontab_line(cron, command, workdir, log, pipeline)
     if dry_run or not local:
         verb = "would install" if dry_run else "run again with --local to install (or --systemd for a timer)"
@@ -169,6 +167,25 @@ def schedule(
     replaced = f" (replacing {change.replaced} earlier entry)" if change.replaced else ""
     console.print(f"installed this crontab entry{replaced}:\n{escape(line)}", highlight=False, soft_wrap=True)
     console.print(f"output goes to {escape(str(log))}", highlight=False)
+
+
+def _systemd(cron: str, command: list[str], workdir: Path, pipeline: str, log: Path, dry_run: bool) -> None:
+    """Write the service and timer into the systemd user directory (print them with --dry-run), and say how to
+    start the timer."""
+    from ches_curate import schedule as sched
+
+    units = sched.systemd_units(cron, command, workdir, pipeline, log)
+    directory = sched.systemd_user_dir()
+    if dry_run:
+        for name, text in units.items():
+            console.print(f"\nwould write [bold]{escape(str(directory / name))}[/]:\n{escape(text)}", highlight=False)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        for path in sched.write_systemd_units(units, directory):
+            console.print(f"wrote {escape(str(path))}", highlight=False)
+    console.print("start the timer with:\n  " + "\n  ".join(sched.systemd_install_commands(units)), highlight=False)
+    console.print(f"output goes to {escape(str(log))}; stop it with `systemctl --user disable --now "
+                  f"ches-curate-{pipeline}.timer`", highlight=False)
 
 
 def _zenml_schedule(pipeline: str, config: PipelineConfig, cron: str, stack: str, flavor: str, dry_run: bool) -> None:
