@@ -143,6 +143,25 @@ def ablate(store: Store, name: str, version: int, scoring: ScoringSpec, policies
                         eval_config=spec.evaluate.generation)
 
 
+def record_train_run(store: Store, dv: DatasetVersion, selection_id: int | None, model_key: str, result: Any,
+                     summary: Any, config: TrainConfig) -> int:
+    """Store one `train` run (a `train_runs` row): its metrics, displacement summary and checkpoint; returns its id.
+
+    `result` is `train.TrainResult`, `summary` its `displacement(...)`.
+    """
+    displacement = summary.as_dict()
+    return store.add_train_run({
+        "dataset_name": dv.name, "dataset_version": dv.version, "selection_id": selection_id, "model_key": model_key,
+        "n_train_pairs": displacement["n_pairs"], "global_step": result.global_step,
+        "train_loss": result.train_loss, "reward_accuracy": result.reward_accuracy,
+        **{name: displacement[name] for name in ("preferred_logp_change", "dispreferred_logp_change",
+                                                 "preferred_decrease_fraction", "ches_logp_corr", "ln_ches_logp_corr")},
+        "wall_time_s": result.wall_time_s, "checkpoint_dir": result.checkpoint_dir,
+        "config": json.dumps({**dataclasses.asdict(config), "tokenization_mismatches": result.tokenization_mismatches},
+                             default=str),
+    })
+
+
 def ablation_metadata(rows: pd.DataFrame) -> dict[str, Any]:
     """An ablation's rows as JSON-ready metadata: its id and, per arm, the headline metrics."""
     metrics = ("n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",

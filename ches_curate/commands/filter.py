@@ -10,7 +10,6 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from ches_curate import plugins
@@ -44,15 +43,13 @@ def policies(
 ) -> None:
     """List the filter policies from every plugin, with their parameters, defaults and help."""
     _load(plugin)
-    table = Table(title="filter policies", show_lines=True)
-    table.add_column("policy", style="bold", no_wrap=True)
-    table.add_column("plugin")
-    table.add_column("description, then params (--param name=value)")
+    rows = []
     for name, entry in available_policies().items():
         details = Text(printable(entry.obj.description))
         details.append("\n" + printable(_params_help(entry.obj.Params)), style="cyan")
-        table.add_row(Text(printable(name)), Text(printable(entry.plugin)), details)
-    console.print(table)
+        rows.append([Text(printable(name), style="bold"), entry.plugin, details])
+    columns = ["policy", "plugin", tables.Column("description, then params (--param name=value)", wrap=True)]
+    tables.print_table(console, columns, rows, title="filter policies")
     shared = PolicyParams.model_fields["score_column"]
     console.print(Text(f"Every policy also takes score_column (default {shared.default!r}): {shared.description}"))
     disabled = plugins.disabled_plugins()
@@ -95,7 +92,7 @@ def filter_pairs(
         console.print(f"the same decisions were already recorded as selection {selection.selection_id}: reused it, "
                       "nothing new was written", highlight=False)
     if show and result.n_removed:
-        console.print(removed_table(scores[0], result, show))
+        print_removed(scores[0], result, show)
 
 
 def selections(
@@ -176,20 +173,16 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
-def removed_table(scores: pd.DataFrame, result: SelectionResult, limit: int) -> Table:
+def print_removed(scores: pd.DataFrame, result: SelectionResult, limit: int) -> None:
     """The first `limit` removed pairs with their score and text excerpts (plain text, control codes escaped)."""
     first = result.frame[~result.frame["kept"]].sort_values("rank").head(limit)
     pairs = scores.drop_duplicates("pair_id").set_index("pair_id").loc[first["pair_id"]].reset_index()
     values = score_values(pairs, result.score_column)
-    table = Table(title=f"first {len(first)} removed pairs (by rank)")
-    for column in ("rank", "pair_id", result.score_column, "prompt", "chosen", "rejected"):
-        table.add_column(column, justify="right" if column in ("rank", result.score_column) else "left")
-    for rank, value, (_, pair) in zip(first["rank"], values, pairs.iterrows()):
-        table.add_row(
-            str(rank), Text(printable(pair["pair_id"][:12])), f"{value:.4g}",
-            *(Text(_excerpt(pair[column])) for column in ("prompt", "chosen", "rejected")),
-        )
-    return table
+    columns = [tables.Column("rank", True), "pair_id", tables.Column(result.score_column, True),
+               *(tables.Column(text, wrap=True) for text in ("prompt", "chosen", "rejected"))]
+    rows = [[str(rank), pair["pair_id"][:12], f"{value:.4g}", *(_excerpt(pair[c]) for c in ("prompt", "chosen", "rejected"))]
+            for rank, value, (_, pair) in zip(first["rank"], values, pairs.iterrows())]
+    tables.print_table(console, columns, rows, title=f"first {len(first)} removed pairs (by rank)")
 
 
 def _excerpt(value: Any) -> str:

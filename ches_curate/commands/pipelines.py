@@ -9,8 +9,8 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from ches_curate.commands import tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.pipeline_config import PipelineConfig
 
@@ -108,20 +108,12 @@ def show_ablation(run_response: Any) -> None:
     console.print(f"[bold]{escape(outcome['run_name'])}[/] {outcome['status']} (ZenML run id {outcome['run_id']})",
                   highlight=False)
     rows = outcome["ablations"]
-    table = Table(title="ablations")
     columns = ("ablation_id", "arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction",
                "refusal_rate_before", "refusal_rate_after")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    console.print(table)
+    tables.print_table(console, [tables.Column(c, numeric=c != "arm") for c in columns],
+                       [[tables.cell(row.get(c)) for c in columns] for row in rows], title="ablations")
     console.print(f"in the store: ches-curate sql \"SELECT * FROM ablations\" --db {escape(outcome['store'])}",
                   highlight=False)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def schedule(

@@ -9,34 +9,29 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
-from ches_curate.commands import options
+from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
 console = Console()
 
-_STATUS = {(True, "error"): "[green]pass[/]", (True, "warn"): "[green]pass[/]",
-           (False, "error"): "[bold red]FAIL[/]", (False, "warn"): "[yellow]warn[/]"}
+_STATUS = {(True, "error"): Text("pass", style="green"), (True, "warn"): Text("pass", style="green"),
+           (False, "error"): Text("FAIL", style="bold red"), (False, "warn"): Text("warn", style="yellow")}
 
 
 def print_results(frame: pd.DataFrame, title: str) -> None:
     """One table per suite (columns of `QualityReport.to_frame` / `latest_quality_results`)."""
+    columns = ["expectation", "severity", "status", tables.Column("unexpected", numeric=True)]
     for suite, rows in frame.groupby("suite", sort=False):
         first = rows.iloc[0]
-        verdict = "[green]passed[/]" if first.run_success else "[bold red]failed[/]"
-        table = Table(title=f"{escape(printable(title))}: suite {escape(printable(suite))}, {first.n_rows} rows, "
-                            f"{first.failure_rate:.2%} failing error checks: {verdict}", title_justify="left")
-        for column, justify in (("expectation", "left"), ("severity", "left"), ("status", "left"),
-                                ("unexpected", "right")):
-            table.add_column(column, justify=justify)
-        for row in rows.itertuples():
-            count = "-" if pd.isna(row.unexpected_count) else f"{int(row.unexpected_count):,}"
-            status = _STATUS[(bool(row.success), row.severity)]
-            table.add_row(escape(printable(row.expectation)), escape(printable(row.severity)), status, count)
-        console.print(table)
+        verdict = "passed" if first.run_success else "failed"
+        cells = [[row.expectation, row.severity, _STATUS[(bool(row.success), row.severity)],
+                  "-" if pd.isna(row.unexpected_count) else f"{int(row.unexpected_count):,}"]
+                 for row in rows.itertuples()]
+        tables.print_table(console, columns, cells, title=f"{title}: suite {suite}, {first.n_rows} rows, "
+                                                          f"{first.failure_rate:.2%} failing error checks: {verdict}")
 
 
 def _load_tokenizer(name: str) -> Any:

@@ -14,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from ches_curate.commands import options
+from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
@@ -224,28 +223,25 @@ def _json_default(value) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def _cell(value) -> str:
+def _cell(value):
+    """A sql result cell: nested values as JSON, NULL dimmed, floats to 6 significant digits."""
     import pandas as pd
+    from rich.text import Text
 
     if _is_nested(value):
-        return escape(printable(_json_text(value)))
+        return _json_text(value)
     if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
-        return "[dim]NULL[/]"
+        return Text("NULL", style="dim")
     if isinstance(value, float):
         return f"{value:.6g}"
-    return escape(printable(value))
+    return str(value)
 
 
 def _print_table(frame, title: str | None) -> None:
-    """Render a DataFrame as a rich table (the first TABLE_ROWS rows)."""
-    import pandas as pd
-
-    table = Table(title=title, show_lines=False)
-    for column, dtype in frame.dtypes.items():
-        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(dtype) else "left")
-    for values in frame.head(TABLE_ROWS).itertuples(index=False):
-        table.add_row(*map(_cell, values))
-    console.print(table)
+    """Render a DataFrame (the first TABLE_ROWS rows) with the shared renderer: a table if it fits, else records."""
+    columns, _ = tables.frame_rows(frame.head(0))
+    rows = [[_cell(value) for value in values] for values in frame.head(TABLE_ROWS).itertuples(index=False)]
+    tables.print_table(console, columns, rows, title=title)
     shown = min(len(frame), TABLE_ROWS)
     note = f"{len(frame):,} rows" if shown == len(frame) else f"showing {shown} of {len(frame):,} rows (use --format csv)"
     err_console.print(f"[dim]{note}[/]")

@@ -1,10 +1,10 @@
 """The one table renderer of the CLI: a rich table when it fits the terminal, one record per block otherwise.
 
-A rich table squeezed into 80 columns, or written into a pipe (where rich assumes 80),
-cuts cells to `0.1…`. So `print_table` measures the table first: on a terminal wide
-enough for every cell in full it draws the table; in a narrow terminal, or when the
-output is not a terminal (`| cat`, `> file`, a cron log), it prints each row as a
-record, one `column  value` line per cell, never cut:
+A rich table squeezed into 80 columns, or written into a pipe (where rich assumes 80,
+or `$COLUMNS`), cuts cells to `0.1…`. So `print_table` measures the table first: when
+the width holds every cell in full it draws the table; otherwise (a narrow terminal,
+a wide table through `| cat` or into a cron log) it prints each row as a record, one
+`column  value` line per cell, never cut:
 
     ablation 3 (table `ablations`)
     -[ 1 ]-------------------------
@@ -33,28 +33,35 @@ CELL_PADDING = 3
 """Columns a rich table spends per column on padding and its border (and 1 more for the left edge)."""
 
 
+WRAP_MIN_WIDTH = 30
+"""Width a wrapping (prose) column needs at least for a table to be drawn."""
+
+
 @dataclass(frozen=True)
 class Column:
-    """A column's header and whether its values are numbers (right-aligned in a table)."""
+    """A column's header, whether its values are numbers (right-aligned in a table) and whether they are prose
+    that may wrap onto several lines (descriptions); any other cell is shown on one line or not in a table."""
 
     header: str
     numeric: bool = False
+    wrap: bool = False
 
 
 def print_table(console: Console, columns: Sequence[Column | str], rows: Iterable[Sequence[Cell]],
                 title: str | None = None) -> None:
-    """Print `rows` under `columns` as a table if it fits `console` (a terminal), else as records."""
+    """Print `rows` under `columns` as a table if every cell fits `console`'s width, else as records."""
     columns = [c if isinstance(c, Column) else Column(c) for c in columns]
     cells = [[_text(value) for value in row] for row in rows]
-    if console.is_terminal and table_width(columns, cells) <= console.width:
+    if table_width(columns, cells) <= console.width:
         console.print(_table(columns, cells, title))
     else:
         console.print(records(columns, cells, title), soft_wrap=True)
 
 
 def table_width(columns: Sequence[Column], cells: Sequence[Sequence[Text]]) -> int:
-    """Characters a rich table needs to show every header and cell in full."""
+    """Characters a rich table needs to show every header and cell in full (wrapping columns at their minimum)."""
     widths = [max([len(column.header), *(_cell_width(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+    widths = [min(width, WRAP_MIN_WIDTH) if column.wrap else width for width, column in zip(widths, columns)]
     return sum(width + CELL_PADDING for width in widths) + 1
 
 
@@ -119,7 +126,7 @@ def _cell_width(value: Text) -> int:
 def _table(columns: Sequence[Column], cells: Sequence[Sequence[Text]], title: str | None) -> Table:
     table = Table(title=Text(printable(title)) if title else None, title_justify="left")
     for column in columns:
-        table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=True,
+        table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=not column.wrap,
                          overflow="fold")
     for row in cells:
         table.add_row(*row)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from ches_curate.commands import options
+from ches_curate.commands import options, tables
 from ches_curate.configs import ProbeConfig, TrainConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
@@ -45,6 +45,7 @@ def train(
     dataset: options.Dataset,
     version: options.Version = None,
     selection: Optional[int] = typer.Option(None, "--selection", help="Train only on the pairs this selection kept."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on the first N pairs only (a quick check)."),
     model: options.Model = "default",
     output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Where the trained model is saved."),
     beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
@@ -53,7 +54,9 @@ def train(
     track_every: int = TRACK_EVERY,
     db: options.Db = None,
 ) -> None:
-    """DPO-train MODEL on a stored dataset (or a selection of it) and report likelihood displacement."""
+    """DPO-train MODEL on a stored dataset (or a selection of it), report likelihood displacement and record the
+    run in the `train_runs` table."""
+    from ches_curate.curation import record_train_run
     from ches_curate.models import load_model
     from ches_curate.store import Store
     from ches_curate.train import train_dpo
@@ -62,26 +65,28 @@ def train(
                            train_seed, output_dir, save, track_every)
     store = Store(db, create=False)
     dv = store.dataset_version(dataset, version)
-    pairs = list(store.dataset_pairs(dv.name, dv.version, selection_id=selection, distinct=True))
+    pairs = list(islice(store.dataset_pairs(dv.name, dv.version, selection_id=selection, distinct=True), limit))
     if not pairs:
         raise ChesCurateError(f"selection {selection} keeps no pairs of dataset '{dv.name}' v{dv.version}")
     loaded = load_model(model)
     console.print(f"training {escape(printable(loaded.key))} on {len(pairs):,} pairs of "
                   f"'{escape(printable(dv.name))}' v{dv.version}")
     result = train_dpo(loaded, None, pairs, config)
-    scores = store.scores(dv.name, dv.version, model_key=loaded.key)
-    summary = result.displacement(scores if not scores.empty else None)
-    table = Table(title=f"DPO: {result.global_step} steps in {result.wall_time_s:.1f} s")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in [("train loss", result.train_loss), ("reward accuracy", result.reward_accuracy),
-                        *summary.as_dict().items()]:
-        table.add_row(name.replace("_", " "), "n/a" if value is None else f"{value:.4g}")
-    console.print(table)
+    scores = store.scores(dv.name, dv.version, model_key=loaded.key) if loaded.key in store.scoring_models(
+        dv.name, dv.version) else None
+    summary = result.displacement(scores)
+    train_run_id = record_train_run(store, dv, selection, loaded.key, result, summary, config)
+    metrics = [("train loss", result.train_loss), ("reward accuracy", result.reward_accuracy),
+               *((name.replace("_", " "), value) for name, value in summary.as_dict().items())]
+    tables.print_table(console, ["metric", tables.Column("value", numeric=True)],
+                       [[name, tables.cell(value)] for name, value in metrics],
+                       title=f"DPO: {result.global_step} steps in {result.wall_time_s:.1f} s")
     if result.tokenization_mismatches:
         console.print(f"{result.tokenization_mismatches} pairs were truncated or tokenized by TRL unlike scoring")
     if result.checkpoint_dir:
         console.print(f"saved to {escape(printable(result.checkpoint_dir))}")
+    console.print(f"recorded as train run {train_run_id}: ches-curate sql \"SELECT * FROM train_runs WHERE "
+                  f"train_run_id = {train_run_id}\"", highlight=False)
 
 
 def probe(
@@ -112,22 +117,20 @@ def probe(
         console.print(f"P({label} = {escape(repr(token))}): {before:.4g} -> {after:.4g}", highlight=False)
     if result.preferred_prob[1] < result.preferred_prob[0]:
         console.print("[bold red]likelihood displacement:[/] the preferred response lost probability")
-    console.print(_token_table("tokens whose probability rose most (first response position)", result.risers))
-    console.print(_token_table("theory's prediction: largest <W_z, W_y+ - W_y->", result.predicted))
+    _token_table("tokens whose probability rose most (first response position)", result.risers)
+    _token_table("theory's prediction: largest <W_z, W_y+ - W_y->", result.predicted)
     if len(result.watched):
-        console.print(_token_table("watched tokens", result.watched))
+        _token_table("watched tokens", result.watched)
     console.print(f"Spearman(prediction, log-prob change) over the vocabulary: {result.prediction_spearman:.3f}; "
                   f"overlap of the two top-{top_k} lists: {result.overlap_at_k:.0%}")
 
 
-def _token_table(title: str, frame) -> Table:
-    table = Table(title=title)
-    for column in ("token", "p before", "p after", "change", "rise rank", "prediction", "prediction rank"):
-        table.add_column(column, justify="left" if column == "token" else "right")
-    for row in frame.itertuples():
-        table.add_row(repr(row.token), f"{row.prob_before:.3g}", f"{row.prob_after:.3g}", f"{row.prob_change:+.3g}",
-                      str(row.rise_rank), f"{row.prediction:.3g}", str(row.prediction_rank))
-    return table
+def _token_table(title: str, frame) -> None:
+    columns = ["token", *(tables.Column(c, numeric=True) for c in ("p before", "p after", "change", "rise rank",
+                                                                    "prediction", "prediction rank"))]
+    rows = [[repr(row.token), f"{row.prob_before:.3g}", f"{row.prob_after:.3g}", f"{row.prob_change:+.3g}",
+             str(row.rise_rank), f"{row.prediction:.3g}", str(row.prediction_rank)] for row in frame.itertuples()]
+    tables.print_table(console, columns, rows, title=title)
 
 
 def ablate(
@@ -167,17 +170,11 @@ def ablate(
         console.print("no --eval-dataset: refusal rates are left empty")
     rows = run_ablation(store, dataset, model, policies, config, prompts, seed, version=version,
                         eval_config=EvalConfig(max_new_tokens=max_new_tokens))
-    table = Table(title=f"ablation {rows.ablation_id.iloc[0]} (table `ablations`)")
     columns = ("arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
                "refusal_rate_before", "refusal_rate_after", "reward_accuracy", "wall_time_s")
-    for column in columns:
-        if column == "arm":
-            table.add_column("arm", no_wrap=True)
-        else:
-            table.add_column(column.replace("_", " "), justify="right")
-    for row in rows.itertuples():
-        table.add_row(*(_cell(getattr(row, column)) for column in columns))
-    console.print(table)
+    headers = [tables.Column(c.replace("_", " "), numeric=c != "arm") for c in columns]
+    tables.print_table(console, headers, [[tables.cell(getattr(row, c)) for c in columns] for row in rows.itertuples()],
+                       title=f"ablation {rows.ablation_id.iloc[0]} (table `ablations`)")
 
 
 def _train_config(beta: float, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
@@ -197,9 +194,3 @@ def parse_policy(item: str) -> tuple[str, dict[str, str]]:
     if not name.strip():
         raise ChesCurateError(f"--policy {item!r} needs a policy name, e.g. --policy percentile:p=90")
     return name.strip(), parse_params([p for p in params.split(",") if p.strip()])
-
-
-def _cell(value) -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else escape(printable(value))
