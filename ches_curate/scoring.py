@@ -219,15 +219,19 @@ class Scorer:
         return "block" if _takes_block_mask(self.loaded.model) and self._block_mask_probe() else "cache"
 
     def _block_mask_probe(self) -> bool:
-        """Check the block mask on one short pair against two plain passes: a model may accept and misread it."""
+        """Check the block mask on one short pair against two plain passes: a model may accept and misread it.
+
+        Compared: the rejected response's last state, which a misread mask lets see the chosen
+        tokens (then it is off by 35-110% on SmolLM2 and random Llamas; 16-bit kernels differ by 1-2%).
+        """
         vocab = self.loaded.model.config.vocab_size
-        probe = EncodedPair([v % vocab for v in range(5, 12)], [13 % vocab, 17 % vocab, 19 % vocab],
-                            [23 % vocab, 29 % vocab], truncated=False)
+        ids = [v % vocab for v in (5, 6, 7, 8, 9, 10, 11, 13, 17, 19, 31, 37, 41, 43, 23, 29, 47, 53)]
+        probe = EncodedPair(ids[:7], ids[7:14], ids[14:], truncated=False)
         with torch.inference_mode():
-            block, _ = self._hidden_sums_block([probe])
-            plain, _ = self._hidden_sums_unshared([probe])
-        tolerance = 1e-4 if self.loaded.model.dtype in (torch.float32, torch.float64) else 3e-2
-        works = bool(((block - plain).norm() <= tolerance * plain.norm()).item())
+            block = self._hidden_sums_block([probe])[1][1].double()
+            plain = self._hidden_sums_unshared([probe])[1][1].double()
+        tolerance = 1e-3 if self.loaded.model.dtype in (torch.float32, torch.float64) else 0.1
+        works = bool((block - plain).norm() <= tolerance * plain.norm())
         if not works:
             logger.warning("%s misreads a block attention mask; reusing the prompt's KV cache instead", self.key)
         return works
