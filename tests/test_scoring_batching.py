@@ -15,6 +15,7 @@ import pytest
 
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import PreferencePair
+from ches_curate.progress import track_frames
 from ches_curate.scoring import Scorer, ScoringConfig
 from ches_curate.tokenization import encode_pair
 from tests.test_ches import assert_matches_reference, make_pairs, reference_scores
@@ -135,3 +136,12 @@ def test_progress_lines_report_pairs_tokens_and_eta(loaded, caplog, share_prompt
     assert messages[0].startswith("scoring: 2/5 pairs, ")
     assert "tokens/s" in messages[0] and "ETA" in messages[0]
     assert messages[-1].startswith(f"scored 5/5 pairs, {sum(fed):,} tokens in ")
+
+
+def test_progress_lines_reach_stderr_when_not_a_terminal(loaded, capsys):
+    scorer = Scorer(loaded, ScoringConfig(batch_size=2, progress_every_s=0))
+    frames = list(track_frames(scorer.score_batches(make_pairs(), total=5), "scoring"))
+    err = capsys.readouterr().err
+    assert [len(f) for f in frames] == [2, 2, 1]
+    assert "scoring: 2/5 pairs, " in err and "scoring: 4/5 pairs, " in err and "scored 5/5 pairs, " in err
+    assert logging.getLogger("ches_curate.scoring").handlers == []  # the stderr handler was only for the run
