@@ -49,6 +49,10 @@ class ReportConfig:
     """How many of the highest-CHES pairs to show with their prompt and both responses."""
     text_chars: int = 4000
     """Characters kept of each prompt and response in that table (the rest is counted, not shown)."""
+    removed_pairs: int = 50
+    """How many of the selection's removed pairs (first by rank) to list with their texts."""
+    diff_pairs: int = 50
+    """How many changed pairs of the refresh diff to list."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ def build_report(
 
         scores = _scores(query, dv, model_key, selection_id)
         top_pairs = _top_pairs(query, dv, model_key, selection_id, config)
+        removed_pairs = _removed_pairs(query, dv, model_key, selection_id, config)
         selections = _selections(query, dv, model_key)
         quality = _quality(query, dv, model_key)
         quarantine = _quarantine(query, dv)
@@ -91,7 +96,8 @@ def build_report(
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
         score_stats=_score_stats(scores), score_plots=_score_plots(scores, selection), top_pairs=top_pairs,
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
-        ablation=_ablation(arms, per_pair),
+        ablation=_ablation(arms, per_pair), removed_pairs=removed_pairs,
+        refresh_diff=_refresh_diff(store, selection, config),
     )
 
 
@@ -172,7 +178,7 @@ def _latest_selection(store: Store, dv: DatasetVersion, model_key: str) -> dict[
 def _scores(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None) -> pd.DataFrame:
     """One row per dataset row with a score: the scores, and the selection's decision (`kept`, NULL if none)."""
     return query(
-        """SELECT s.ches, s.ln_ches, s.edit_distance, sel.kept
+        """SELECT s.ches, s.ln_ches, s.edit_distance, s.chosen_tokens + s.rejected_tokens AS response_tokens, sel.kept
            FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ?
            LEFT JOIN selections sel ON sel.selection_id = ? AND sel.pair_id = dp.pair_id
            WHERE dp.name = ? AND dp.version = ? ORDER BY dp."row"
@@ -212,6 +218,9 @@ def _score_plots(scores: pd.DataFrame, selection: dict | None) -> dict[str, Any]
     edit, ln_ches = _floats(scores["edit_distance"]), _floats(scores["ln_ches"])
     if (np.isfinite(edit) & np.isfinite(ln_ches)).any():
         plots["edit_distance"] = report_plots.ln_ches_vs_edit_distance(edit, ln_ches, kept)
+    length, ches = _floats(scores["response_tokens"]), _floats(scores["ches"])
+    if (np.isfinite(length) & np.isfinite(ches)).any():
+        plots["length"] = report_plots.ches_vs_response_length(length, ches, kept)
     return plots
 
 
@@ -220,16 +229,33 @@ def _top_pairs(query: Query, dv: DatasetVersion, model_key: str | None, selectio
     """The `top_pairs` distinct pairs with the highest CHES, each at its first row, with texts clipped."""
     if model_key is None or config.top_pairs <= 0:
         return []
+    return _pairs(query, [model_key, selection_id, dv.name, dv.version, config.top_pairs], config,
+                  "AND s.ches IS NOT NULL AND NOT isnan(s.ches)", "s.ches DESC, s.pair_id")
+
+
+def _removed_pairs(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None,
+                   config: ReportConfig) -> list[dict[str, Any]]:
+    """The first `removed_pairs` pairs the selection removed, by its rank (1 = removed first), texts clipped."""
+    if model_key is None or selection_id is None or config.removed_pairs <= 0:
+        return []
+    return _pairs(query, [model_key, selection_id, dv.name, dv.version, config.removed_pairs], config,
+                  "AND sel.kept = false", "sel.rank, s.pair_id")
+
+
+def _pairs(query: Query, params: list, config: ReportConfig, where: str, order: str) -> list[dict[str, Any]]:
+    """Distinct scored pairs of a version (each at its first row) matching `where`, in `order`, texts clipped.
+
+    `params`: model_key, selection_id, dataset name, version, limit.
+    """
     pairs = _records(query(
-        """SELECT dp."row", s.pair_id, s.ches, s.ln_ches, s.edit_distance, s.chosen_tokens, s.rejected_tokens,
-                  s.truncated, p.prompt, p.prompt_messages, p.chosen, p.rejected, sel.kept
+        f"""SELECT dp."row", s.pair_id, s.ches, s.ln_ches, s.edit_distance, s.chosen_tokens, s.rejected_tokens,
+                  s.truncated, p.prompt, p.prompt_messages, p.chosen, p.rejected, sel.kept, sel.rank
            FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ?
            JOIN pairs p ON p.pair_id = dp.pair_id
            LEFT JOIN selections sel ON sel.selection_id = ? AND sel.pair_id = dp.pair_id
-           WHERE dp.name = ? AND dp.version = ? AND s.ches IS NOT NULL AND NOT isnan(s.ches)
+           WHERE dp.name = ? AND dp.version = ? {where}
            QUALIFY row_number() OVER (PARTITION BY dp.pair_id ORDER BY dp."row") = 1
-           ORDER BY s.ches DESC, s.pair_id LIMIT ?""",
-        [model_key, selection_id, dv.name, dv.version, config.top_pairs],
+           ORDER BY {order} LIMIT ?""", params,
     ))
     for pair in pairs:
         messages = json.loads(pair.pop("prompt_messages") or "null")
@@ -239,6 +265,25 @@ def _top_pairs(query: Query, dv: DatasetVersion, model_key: str | None, selectio
         for field in ("prompt", "chosen", "rejected"):
             pair[field] = _clip(pair[field], config.text_chars)
     return pairs
+
+
+def _refresh_diff(store: Store, selection: dict[str, Any] | None, config: ReportConfig) -> dict[str, Any] | None:
+    """How the selection differs from the newest user selection of an earlier version with the same policy,
+    params and model (what a refresh changed): counts and the first `diff_pairs` changed pairs."""
+    from ches_curate.refresh import diff_selections
+
+    if selection is None:
+        return None
+    earlier = store.selections(selection["dataset_name"], include_ablation=False)
+    earlier = earlier[(earlier.dataset_version < selection["dataset_version"])
+                      & (earlier.policy == selection["policy"]) & (earlier.params == selection["params"])
+                      & (earlier.model_key == selection["model_key"])]
+    if earlier.empty:
+        return None
+    previous = int(earlier.selection_id.iloc[0])
+    diff = diff_selections(store, previous, selection["selection_id"])
+    return {"previous": previous, "previous_version": int(earlier.dataset_version.iloc[0]), "counts": diff.counts(),
+            "changes": _records(diff.changes.head(config.diff_pairs)), "n_changes": len(diff.changes)}
 
 
 def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
@@ -269,9 +314,21 @@ def _quality(query: Query, dv: DatasetVersion, model_key: str | None) -> dict[st
     ))
     for finding in findings:
         ids = json.loads(finding["unexpected_pair_ids"] or "[]")
+        details = json.loads(finding["details"] or "{}")
         finding["sample_pair_ids"] = [str(i)[:12] for i in ids[:3]]
-        finding["details"] = _clip(finding["details"] or "", 300)["text"]
+        finding["description"] = details.get("description") or details.get("type") or ""
+        finding["example"] = _finding_example(details)
+        finding["details"] = _clip(json.dumps(details, indent=1, ensure_ascii=False), 4000)
     return {"runs": _records(runs), "findings": findings}
+
+
+def _finding_example(details: dict[str, Any]) -> str:
+    """One short example of what an expectation found: its first unexpected value, else the observed value."""
+    sample = details.get("unexpected_sample") or []
+    value = sample[0] if sample else details.get("observed_value", details.get("exception"))
+    if value is None:
+        return ""
+    return _excerpt(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _quarantine(query: Query, dv: DatasetVersion) -> dict[str, Any]:

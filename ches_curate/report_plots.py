@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import SymmetricalLogLocator
 
 KEPT_COLOR = "#4c72b0"
 REMOVED_COLOR = "#dd8452"
@@ -20,6 +22,10 @@ CUT_COLOR = "#c44e52"
 ARM_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 BINS = 40
 DPI = 100
+SYMLOG_SPREAD = 100.0
+"""A scatter axis turns symmetric-log when its largest |value| exceeds this many times the 90th percentile."""
+OUTLIER_IQR = 3.0
+"""Histograms draw values within this many interquartile ranges of the quartiles (Tukey's far-out fences)."""
 
 
 def png_data_uri(fig: Figure) -> str:
@@ -37,29 +43,107 @@ def _finite(*arrays: Sequence[float]) -> np.ndarray:
     return mask
 
 
+@dataclass(frozen=True)
+class PlotRange:
+    """The range a histogram draws and how many values lie outside it (counted, not drawn)."""
+
+    low: float
+    high: float
+    n_below: int
+    n_above: int
+
+
+def plot_range(values: np.ndarray, cut: float | None = None) -> PlotRange:
+    """The values within Tukey's far-out fences (quartiles -/+ OUTLIER_IQR x IQR), widened to show `cut`.
+
+    One CHES of -4.3e7 among values of order 1e2 would otherwise squash every other pair
+    into one bar; beyond the fences values are only counted.
+    """
+    q1, q3 = np.percentile(values, [25, 75])
+    fenced = values[(values >= q1 - OUTLIER_IQR * (q3 - q1)) & (values <= q3 + OUTLIER_IQR * (q3 - q1))]
+    low, high = fenced.min(), fenced.max()
+    if cut is not None and np.isfinite(cut):
+        low, high = min(low, cut), max(high, cut)
+    return PlotRange(float(low), float(high), int((values < low).sum()), int((values > high).sum()))
+
+
 def score_histogram(values: Sequence[float], label: str, kept: Sequence[bool] | None = None,
                     cut: float | None = None, cut_label: str = "cut") -> str:
     """Histogram of one score; with `kept`, kept and removed pairs are stacked in two colours.
 
-    `cut` draws the selection's threshold as a vertical line labelled `cut_label`.
+    `cut` draws the selection's threshold as a vertical line labelled `cut_label`. Values
+    beyond `plot_range`'s fences are not drawn but counted in the axis label; the legend
+    sits outside the axes, so it never covers a bar.
     """
     values = np.asarray(values, dtype=np.float64)
     mask = _finite(values)
+    shown = plot_range(values[mask], cut)
+    inside = mask & (values >= shown.low) & (values <= shown.high)
     fig = Figure(figsize=(6.4, 3.4))
     ax = fig.subplots()
-    bins = np.histogram_bin_edges(values[mask], bins=BINS)
+    bins = np.histogram_bin_edges(values[inside], bins=BINS, range=(shown.low, shown.high))
     if kept is None:
-        ax.hist(values[mask], bins=bins, histtype="stepfilled", color=KEPT_COLOR, label="scored pairs")
+        ax.hist(values[inside], bins=bins, histtype="stepfilled", color=KEPT_COLOR, label="scored pairs")
     else:
         kept = np.asarray(kept, dtype=bool)
-        ax.hist([values[mask & kept], values[mask & ~kept]], bins=bins, stacked=True, histtype="stepfilled",
+        ax.hist([values[inside & kept], values[inside & ~kept]], bins=bins, stacked=True, histtype="stepfilled",
                 color=[KEPT_COLOR, REMOVED_COLOR], label=["kept", "removed"])
     if cut is not None:
         ax.axvline(cut, color=CUT_COLOR, linestyle="--", linewidth=1.5, label=cut_label)
-    ax.set_xlabel(label)
+    outside = []
+    if shown.n_below:
+        outside.append(f"{shown.n_below:,} below {shown.low:.3g} (min {values[mask].min():.3g})")
+    if shown.n_above:
+        outside.append(f"{shown.n_above:,} above {shown.high:.3g} (max {values[mask].max():.3g})")
+    ax.set_xlabel(label + (f"\nnot drawn: {'; '.join(outside)}" if outside else ""))
     ax.set_ylabel("pairs")
-    ax.legend(loc="upper right", fontsize="small")
+    _legend_above(ax)
     return png_data_uri(fig)
+
+
+def ches_vs_response_length(response_tokens: Sequence[float], ches: Sequence[float],
+                            kept: Sequence[bool] | None = None) -> str:
+    """Scatter of CHES against the response length (|y+| + |y-| tokens) on a symmetric log y axis.
+
+    CHES sums hidden states over both responses, so it grows with their length; the
+    symlog axis keeps both signs and a few extreme pairs readable next to the rest.
+    """
+    x = np.asarray(response_tokens, dtype=np.float64)
+    y = np.asarray(ches, dtype=np.float64)
+    mask = _finite(x, y)
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    groups = [(np.ones(len(x), dtype=bool), KEPT_COLOR, "scored pairs")] if kept is None else [
+        (np.asarray(kept, dtype=bool), KEPT_COLOR, "kept"), (~np.asarray(kept, dtype=bool), REMOVED_COLOR, "removed")]
+    for group, color, name in groups:
+        ax.scatter(x[mask & group], y[mask & group], s=8, alpha=0.6, color=color, label=name)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("response tokens (chosen + rejected)")
+    ax.set_ylabel("CHES" + _symlog_if_spread(ax, "y", y[mask]))
+    _legend_above(ax)
+    return png_data_uri(fig)
+
+
+def _symlog_if_spread(ax, which: str, values: np.ndarray) -> str:
+    """Put `ax`'s `which` ("x" or "y") axis on a symmetric log scale when a few values lie far beyond the rest; returns the label suffix.
+
+    The linear half-width is the 90th percentile of |value|, so most points keep a linear
+    scale and only the extremes (beyond SYMLOG_SPREAD times it) are compressed.
+    """
+    magnitude = np.abs(values[np.isfinite(values)])
+    linear = float(np.percentile(magnitude, 90)) if len(magnitude) else 0.0
+    if linear <= 0 or magnitude.max() <= SYMLOG_SPREAD * linear:
+        return ""
+    getattr(ax, f"set_{which}scale")("symlog", linthresh=linear, linscale=3)  # room for the linear bulk
+    locator = SymmetricalLogLocator(base=10, linthresh=linear, subs=[1.0])
+    locator.numticks = 6  # a tick per decade crowds the labels together near zero
+    getattr(ax, f"{which}axis").set_major_locator(locator)
+    return " (symmetric log)"
+
+
+def _legend_above(ax) -> None:
+    """The legend in one row above the axes, where it cannot cover a bar or a point."""
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, fontsize="small", frameon=False)
 
 
 def ln_ches_vs_edit_distance(edit_distance: Sequence[float], ln_ches: Sequence[float],
@@ -118,7 +202,7 @@ def score_vs_logp_change(arms: Sequence[str], ches: Sequence[float], ln_ches: Se
             ax.scatter(values[group], change[group], s=10, alpha=0.7, color=ARM_COLORS[i % len(ARM_COLORS)],
                        label=str(arm))
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xlabel(label)
+        ax.set_xlabel(label + _symlog_if_spread(ax, "x", values[mask]))
     axes[0].set_ylabel("preferred log-prob change")
     axes[1].legend(loc="best", fontsize="small")
     return png_data_uri(fig)

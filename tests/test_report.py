@@ -104,7 +104,8 @@ def _add_quality(store: Store) -> None:
         "INSERT INTO quality_results VALUES (?, 'prompt_not_empty', 'error', true, 0, '[]', NULL), "
         "(?, 'chosen_differs_from_rejected', 'error', false, 3, ?, ?)",
         write=True, params=[int(run_id), int(run_id), json.dumps(["aaaaaaaaaaaaaaaa1", "b2", "c3"]),
-                            json.dumps({"note": "<i>dup</i>"})],
+                            json.dumps({"description": "chosen and rejected differ", "note": "<i>dup</i>",
+                                        "unexpected_sample": ["<i>same</i> answer", "other"]})],
     )
 
 
@@ -143,6 +144,7 @@ class Page(HTMLParser):
         self.tables: dict[str, list[list[str]]] = {}
         self.images: list[str] = []
         self.summaries: list[str] = []
+        self.section_summaries: dict[str, list[str]] = {}
         self._section, self._row, self._cell, self._summary = "", None, None, None
         self.feed(html)
 
@@ -167,6 +169,7 @@ class Page(HTMLParser):
             self._cell = None
         elif tag == "summary":
             self.summaries.append(" ".join(self._summary.split()))
+            self.section_summaries.setdefault(self._section, []).append(self.summaries[-1])
             self._summary = None
 
     def handle_data(self, data):
@@ -207,8 +210,9 @@ def test_report_is_self_contained(demo_html):
     assert all(value.startswith("#") for tag, name, value in urls if name == "href")
     assert "http://" not in demo_html and "https://" not in demo_html
     assert "default-src 'none'; img-src data:" in demo_html
-    # CHES, ln-CHES, ln-CHES vs edit distance, log-prob change, refusal rate, per-pair CHES vs log-prob change.
-    assert len(page.images) == 6
+    # CHES, ln-CHES, ln-CHES vs edit distance, CHES vs response length, log-prob change, refusal rate,
+    # per-pair CHES vs log-prob change.
+    assert len(page.images) == 7
     for src in page.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -269,24 +273,29 @@ def test_selection_table_counts_every_selection(demo, demo_html):
     assert rows[0][1:3] == ["percentile", json.dumps({"p": 75.0, "score_column": "ches"}, sort_keys=True)]
 
 
-def test_quality_findings_list_failures_first_and_quarantine(demo_html):
+def test_quality_findings_are_one_row_each_failures_first_raw_result_collapsed(demo_html):
     page = Page(demo_html)
-    findings = [row for row in page.rows("quality") if len(row) == 7]
-    assert [row[1] for row in findings] == ["chosen_differs_from_rejected", "prompt_not_empty"]
-    assert findings[0][3:6] == ["failed", "3", "aaaaaaaaaaaa, b2, c3"]
-    assert '{"note": "<i>dup</i>"}' in findings[0][6]
+    findings = [row for row in page.rows("quality") if len(row) == 6 and row[2] in ("error", "warn")]
+    assert page.section_summaries["quality"] == ["chosen_differs_from_rejected", "prompt_not_empty"]
+    assert [row[2:6] for row in findings] == [["error", "FAIL", "3", "<i>same</i> answer"], ["error", "pass", "0", ""]]
+    collapsed = findings[0][1]  # the summary, then what <details> hides: description, failing pairs, raw JSON
+    assert collapsed.startswith("chosen_differs_from_rejected")
+    assert "chosen and rejected differ; first failing pairs aaaaaaaaaaaa, b2, c3" in collapsed
+    assert '"note": "<i>dup</i>"' in collapsed
     assert ["ingest", "field 'rejected' is empty <b>", "1"] in page.rows("quality")
     assert "Quarantined rows: 1." in page.text["quality"]
 
 
-def test_ablation_section_shows_latest_row_per_arm(demo, demo_html):
-    rows = {row[0]: row for row in Page(demo_html).rows("ablations")}
-    assert set(rows) == set(ARMS)
+def test_ablation_section_shows_latest_row_per_arm_one_column_each(demo, demo_html):
+    page = Page(demo_html)
+    header = page.tables["ablations"][0]
+    metrics = {row[0]: dict(zip(header[1:], row[1:])) for row in page.rows("ablations")}
+    assert header[0] == "arm" and set(header[1:]) == set(ARMS)
     for arm, (preferred, dispreferred, before, after) in ARMS.items():
-        row = rows[arm]
-        assert row[4:6] == [f"{preferred:.4g}", f"{dispreferred:.4g}"]
-        assert row[9:11] == [f"{before:.4g}", f"{after:.4g}"]
-    assert rows["percentile"][2] == str(demo.percentile_id)
+        assert metrics["preferred logp change"][arm] == f"{preferred:.4g}"
+        assert metrics["dispreferred logp change"][arm] == f"{dispreferred:.4g}"
+        assert (metrics["refusal rate before"][arm], metrics["refusal rate after"][arm]) == (f"{before:.4g}", f"{after:.4g}")
+    assert metrics["selection"]["percentile"] == str(demo.percentile_id)
     n_likelihoods = N_PAIRS + sum(int(k.sum()) for k in demo.kept.values())
     assert f"Per pair ({n_likelihoods} points)" in " ".join(Page(demo_html).text["ablations"].split())
 
@@ -301,6 +310,8 @@ def test_sections_without_data_say_so(tmp_path):
     assert "No selections for this dataset version" in page.text["selections"]
     assert "No quality runs" in page.text["quality"] and "Nothing quarantined" in page.text["quality"]
     assert "No ablations for this dataset version yet" in page.text["ablations"]
+    assert "No selection yet, so nothing was removed" in page.text["removed-pairs"]
+    assert "No selection of an earlier version" in page.text["refresh-diff"]
 
 
 def copy_of(store: Store, tmp_path: Path) -> Store:
@@ -348,9 +359,54 @@ def test_cli_writes_the_report(demo, tmp_path):
                                       "--top", "3", "--output", str(output), "--db", str(demo.store.path)])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "report.html" in result.output
-    assert len(Page(output.read_text(encoding="utf-8")).summaries) == 3
+    assert len(Page(output.read_text(encoding="utf-8")).section_summaries["top-pairs"]) == 3
     missing = CliRunner().invoke(app, ["report", "--dataset", "demo", "--output", str(output),
                                        "--db", str(tmp_path / "typo.duckdb")])
     assert isinstance(missing.exception, ChesCurateError) and "no store at" in str(missing.exception)
     assert not (tmp_path / "typo.duckdb").exists()
 
+
+
+def test_removed_pairs_are_listed_by_rank_with_their_texts(demo, demo_html):
+    page = Page(demo_html)
+    selection = demo.store.selection(demo.percentile_id)
+    removed = selection[~selection.kept].sort_values("rank")
+    ches = demo.scores.set_index("pair_id").ches
+    rows = [row for row in page.rows("removed-pairs") if row[0] != "rank"]
+    assert [int(row[0]) for row in rows] == removed["rank"].tolist()
+    assert [row[1] for row in rows] == [f"{ches[p]:.4g}" for p in removed.pair_id]
+    assert all(row[6] == "removed" for row in rows)
+    assert page.section_summaries["removed-pairs"][0] == f"Tell me {SCRIPT} now"  # CHES 100: removed first
+    assert "bad answer 7 </details><b>bold</b>" in page.text["removed-pairs"]
+
+
+def test_histogram_range_leaves_an_outlier_out_and_counts_it():
+    from ches_curate.report_plots import plot_range
+
+    values = np.concatenate([np.linspace(-50, 50, 99), [-4.3e7]])
+    shown = plot_range(values)
+    q1, q3 = np.percentile(values, [25, 75])  # the far-out fence lies between the data and the outlier
+    assert (shown.low, shown.high) == (-50.0, 50.0) and q1 - 3 * (q3 - q1) > -4.3e7
+    assert (shown.n_below, shown.n_above) == (1, 0)
+    assert plot_range(values, cut=-400.0).low == -400.0  # the cut line is always drawn
+    assert plot_range(np.array([2.0, 2.0, 2.0])) == plot_range(np.array([2.0])) == type(shown)(2.0, 2.0, 0, 0)
+
+
+def test_report_of_a_refreshed_version_shows_the_diff_with_the_previous_selection(demo, tmp_path):
+    store = copy_of(demo.store, tmp_path)
+    first = apply_policy(demo.scores, "percentile", {"p": 75})  # the user's (the fixture's is an ablation arm's)
+    old_id = store.save_selection("percentile", first.params, "demo", 1, MODEL, first.frame, "ches", source="pipeline")
+    store.register_dataset("demo", "demo_v2.jsonl", make_pairs()[:20])  # the same pairs are already scored
+    result = apply_policy(store.scores("demo", 2, MODEL), "percentile", {"p": 75})
+    new_id = store.save_selection("percentile", result.params, "demo", 2, MODEL, result.frame, "ches", source="refresh")
+    page = Page(build_report(store, "demo", config=ReportConfig(top_pairs=0)))
+    before = store.selection(old_id).set_index("pair_id").kept
+    after = store.selection(new_id).set_index("pair_id").kept
+    gone = before.index.difference(after.index)
+    flipped = [p for p in after.index if before[p] != after[p]]
+    now_removed = sum(1 for p in flipped if not after[p])
+    text = " ".join(page.text["refresh-diff"].split())
+    assert (f"Against selection #{old_id} of v1: 0 added, {len(gone)} removed, "
+            f"{len(flipped) - now_removed} now kept, {now_removed} now removed, "
+            f"{len(after) - len(flipped)} unchanged.") in text
+    assert len([row for row in page.rows("refresh-diff") if row[0] != "pair_id"]) == len(gone) + len(flipped)

@@ -36,6 +36,10 @@ PROBE = (
     " var probe = document.createElement('pre'); probe.id = 'ches-probe';"
     " probe.textContent = JSON.stringify({title: document.title,"
     "  details: document.querySelectorAll('details').length,"
+    "  pageWidth: document.documentElement.clientWidth, scrollWidth: document.documentElement.scrollWidth,"
+    "  overflowing: Array.prototype.filter.call(document.querySelectorAll('table'), function (t) {"
+    "   return t.getBoundingClientRect().right > t.closest('section').getBoundingClientRect().right + 1;"
+    "  }).map(function (t) { return t.closest('section').id; }),"
     "  images: Array.prototype.map.call(document.images, function (i) {"
     "   return {complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}; })});"
     " document.body.appendChild(probe); });"
@@ -94,12 +98,17 @@ def rendered(tmp_path_factory) -> Rendered:
 def test_report_renders_in_chromium_without_console_errors(rendered):
     assert rendered.console == []
     assert rendered.probe["title"] == "ches-curate report: demo v1"
-    assert rendered.probe["details"] == 5
+    assert rendered.probe["details"] == 5 + 12 + 2  # top pairs, removed pairs, quality findings
+
+
+def test_no_table_is_wider_than_its_section(rendered):
+    assert rendered.probe["overflowing"] == []
+    assert rendered.probe["scrollWidth"] <= rendered.probe["pageWidth"]
 
 
 def test_every_plot_is_decoded_with_a_real_size(rendered):
     images = rendered.probe["images"]
-    assert len(images) == 6
+    assert len(images) == 7
     for image in images:
         assert image["complete"] and image["width"] > 300 and image["height"] > 150, images
 
@@ -118,9 +127,11 @@ def test_the_checks_catch_a_broken_page(tmp_path):
     broken = (
         "<!DOCTYPE html><html><head><meta http-equiv=\"Content-Security-Policy\" "
         f"content=\"{CSP} img-src data:\"></head><body><img src=\"data:image/png;base64,AAAA\">"
-        "<img src=\"https://example.invalid/plot.png\"><script>throw new Error('boom')</script></body></html>"
+        "<img src=\"https://example.invalid/plot.png\"><script>throw new Error('boom')</script>"
+        f"<section id=\"wide\"><table><tr><td>{'x' * 3000}</td></tr></table></section></body></html>"
     )
     result = render(broken, tmp_path)
+    assert result.probe["overflowing"] == ["wide"]
     assert [(i["width"], i["height"]) for i in result.probe["images"]] == [(0, 0), (0, 0)]
     assert any("example.invalid" in line for line in result.console), result.console
     assert any("inline script" in line for line in result.console), result.console
