@@ -30,9 +30,19 @@ from ches_curate.score_file import summarize_scores
 from ches_curate.store import DatasetVersion, Store
 
 
+def load_plugins(plugins: list[str]) -> None:
+    """Load the config's plugin modules (`plugins.load_plugin_module`): in the CLI before the run, and again in
+    each step that applies a policy, since a step may run in a process of its own."""
+    from ches_curate.plugins import load_plugin_module
+
+    for plugin in plugins:
+        load_plugin_module(plugin)
+
+
 def check_config(config: PipelineConfig) -> None:
     """Fail before any work when a policy in `config` is unknown or has bad parameters (the training and
-    generation settings were validated with the file)."""
+    generation settings were validated with the file). The config's plugins are loaded first."""
+    load_plugins(config.plugins)
     for policy in [config.policy, *config.ablation.policies]:
         validate_params(get_policy(policy.name).obj, policy.params)
 

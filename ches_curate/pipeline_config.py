@@ -113,6 +113,10 @@ class PipelineConfig(_Section):
     """One file configures all three pipelines; `zenml` is a ZenML run configuration applied to each."""
 
     store: str = Field("ches_curate.duckdb", description="DuckDB store file, referenced by path (never copied).")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Plugin modules to load (import names or .py files) besides installed ones, e.g. [my_policies.py].",
+    )
     dataset: DatasetSpec
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
     quality: str | None = Field(None, description="Quality config YAML (bounds, extra expectations); default rules if unset.")
@@ -134,11 +138,16 @@ class PipelineConfig(_Section):
         """A copy using `store` (the CLI's `--db`) when given."""
         return self if store is None else self.model_copy(update={"store": str(store)})
 
+    def with_plugins(self, plugins: list[str]) -> PipelineConfig:
+        """A copy that also loads `plugins` (the CLI's `--plugin`), each once."""
+        return self.model_copy(update={"plugins": list(dict.fromkeys([*self.plugins, *plugins]))})
+
     def resolved(self, base: str | os.PathLike | None = None) -> PipelineConfig:
         """A copy whose local paths are absolute (relative ones are taken from `base`, default the working
         directory), so that a run records where its files are and a scheduled run finds them.
 
-        The source stays as written unless it is an existing local path (it may be a hub id).
+        The source and plugins stay as written unless they are existing local paths (a hub id, an
+        import name).
         """
         base = Path(base or Path.cwd())
 
@@ -148,6 +157,7 @@ class PipelineConfig(_Section):
         evaluate = self.ablation.evaluate.model_copy(update={"source": local(self.ablation.evaluate.source)})
         update = {
             "store": str(base / self.store),
+            "plugins": [local(plugin) for plugin in self.plugins],
             "export": str(base / self.export),
             "quality": str(base / self.quality) if self.quality else None,
             "dataset": self.dataset.model_copy(update={"source": local(self.dataset.source)}),

@@ -22,7 +22,8 @@ from pipelines.steps import ablate
 def ablation_pipeline(config: PipelineConfig) -> None:
     """Does removing high-CHES pairs reduce likelihood displacement? One `ablations` row per arm answers."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)
-    ablate(config.store, score_run, config.scoring, config.ablation_policies(), config.ablation, after=scores_quality)
+    ablate(config.store, score_run, config.scoring, config.ablation_policies(), config.ablation, config.plugins,
+           after=scores_quality)
 
 
 def ablation_outcome(run: Any) -> dict[str, Any]:

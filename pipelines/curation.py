@@ -44,7 +44,7 @@ def curation_pipeline(config: PipelineConfig) -> None:
     scoring is already incremental there.
     """
     score_run, scores_quality = validated_scores(config, skip_if_passed=False)
-    _, selection = select_pairs(config.store, score_run, config.policy, after=scores_quality)
+    _, selection = select_pairs(config.store, score_run, config.policy, config.plugins, after=scores_quality)
     export_curated(config.store, selection, config.export)
     curation_report(config.store, score_run, selection)
 

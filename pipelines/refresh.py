@@ -18,5 +18,5 @@ from pipelines.steps import export_curated, reselect_pairs
 def refresh_pipeline(config: PipelineConfig) -> None:
     """Bring the curated dataset up to date with its source; the `selection_diff` artifact lists the changes."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)
-    _, selection, _ = reselect_pairs(config.store, score_run, config.policy, after=scores_quality)
+    _, selection, _ = reselect_pairs(config.store, score_run, config.policy, config.plugins, after=scores_quality)
     export_curated(config.store, selection, config.export)

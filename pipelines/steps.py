@@ -85,10 +85,11 @@ def validate_scores(store: str, score_run: dict, quality: str | None = None,
 
 
 @step
-def select_pairs(store: str, score_run: dict, policy: PolicySpec) -> tuple[
+def select_pairs(store: str, score_run: dict, policy: PolicySpec, plugins: list[str] | None = None) -> tuple[
     Annotated[pd.DataFrame, "selection"], Annotated[dict, "selection_summary"]
 ]:
     """Apply the policy plugin to the scored pairs that passed quality; recorded in `selections`."""
+    curation.load_plugins(plugins or [])
     selection = select(Store(store), score_run["dataset_name"], score_run["dataset_version"],
                        score_run["model_key"], policy.name, policy.params, source="pipeline")
     record("selection", selection.metadata())
@@ -96,10 +97,11 @@ def select_pairs(store: str, score_run: dict, policy: PolicySpec) -> tuple[
 
 
 @step
-def reselect_pairs(store: str, score_run: dict, policy: PolicySpec) -> tuple[
+def reselect_pairs(store: str, score_run: dict, policy: PolicySpec, plugins: list[str] | None = None) -> tuple[
     Annotated[pd.DataFrame, "selection"], Annotated[dict, "selection_summary"], Annotated[pd.DataFrame, "selection_diff"]
 ]:
     """Re-apply the policy to the new version (or reuse its selection) and diff it with the previous selection."""
+    curation.load_plugins(plugins or [])
     selection, diff = refresh.reselect(Store(store), score_run["dataset_name"], score_run["dataset_version"],
                                        score_run["model_key"], policy)
     summary = {**selection.metadata(), **diff.metadata()}
@@ -127,8 +129,9 @@ def curation_report(store: str, score_run: dict, selection_summary: dict) -> Ann
 
 @step
 def ablate(store: str, score_run: dict, scoring: ScoringSpec, policies: list[PolicySpec],
-           ablation: AblationSpec) -> Annotated[pd.DataFrame, "ablation_rows"]:
+           ablation: AblationSpec, plugins: list[str] | None = None) -> Annotated[pd.DataFrame, "ablation_rows"]:
     """DPO from the scoring model on the full set, each policy's selection and size-matched random controls."""
+    curation.load_plugins(plugins or [])
     rows = curation.ablate(Store(store), score_run["dataset_name"], score_run["dataset_version"], scoring, policies,
                            ablation)
     record("ablation", curation.ablation_metadata(rows))

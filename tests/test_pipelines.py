@@ -392,3 +392,52 @@ def test_shipped_configs_are_valid():
         assert config.dataset.format == "hh_rlhf"
     gpu = PipelineConfig.from_file(REPO / "pipelines" / "configs" / "gpu.yaml")
     assert gpu.zenml["steps"]["score_pairs"]["settings"]["resources"]["gpu_count"] == 1
+
+
+PLUGIN_POLICY = """
+from ches_curate.hookspecs import hookimpl
+from ches_curate.policies import Policy, remove_highest
+
+
+class DropTop(Policy):
+    name = "drop-top"
+    description = "Remove the single highest-CHES pair."
+
+    def select(self, scores, params):
+        return remove_highest(scores, params.score_column, 1)
+
+
+@hookimpl
+def register_filter_policies(register):
+    register(DropTop())
+"""
+
+
+@pytest.mark.slow
+def test_a_config_and_run_plugin_give_the_pipeline_a_policy_from_a_file(zenml_repo, pipeline_dir, tmp_path):
+    from ches_curate import plugins
+
+    (tmp_path / "my_policies.py").write_text(PLUGIN_POLICY, encoding="utf-8")
+    config = yaml.safe_load((pipeline_dir / "config.yaml").read_text())
+    config |= {"store": str(tmp_path / "plugin.duckdb"), "policy": {"name": "drop-top"},
+               "plugins": ["my_policies.py"], "export": str(tmp_path / "{dataset}_v{version}.parquet")}
+    (tmp_path / "plugin.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    plugins.reset()  # nothing registered yet: the config must load it
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a relative plugin path is taken from where the command runs
+    try:
+        loaded = PipelineConfig.from_file("plugin.yaml").resolved()
+        assert loaded.plugins == [str(tmp_path / "my_policies.py")]
+        result = CliRunner().invoke(cli(), ["run", "curation", "--config", "plugin.yaml"])
+    finally:
+        os.chdir(cwd)
+        plugins.reset()
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    selection = Store(tmp_path / "plugin.duckdb").sql(
+        "SELECT policy, source, count(*) FILTER (WHERE NOT kept) AS n_removed FROM selections GROUP BY ALL")
+    assert selection.to_dict("records") == [{"policy": "drop-top", "source": "pipeline", "n_removed": 1}]
+    config["plugins"] = []  # now from --plugin alone: a missing file is one error line naming it, before ZenML
+    (tmp_path / "plugin.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    missing = CliRunner().invoke(cli(), ["run", "curation", "--config", str(tmp_path / "plugin.yaml"),
+                                         "--plugin", str(tmp_path / "absent.py")])
+    assert isinstance(missing.exception, ChesCurateError) and "absent.py" in str(missing.exception)

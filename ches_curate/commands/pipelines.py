@@ -19,6 +19,7 @@ console = Console(soft_wrap=True)
 PIPELINE_HELP = "curation, ablation or refresh."
 CONFIG_HELP = "Pipeline config YAML (see pipelines/configs/dev.yaml)."
 DB_HELP = "DuckDB store file; overrides the config's `store`."
+PLUGIN_HELP = "Plugin module (import name or .py path) to load besides the config's `plugins` (repeatable)."
 DEFAULT_CONFIG = Path("pipelines/configs/dev.yaml")
 
 
@@ -27,11 +28,12 @@ def register(app: typer.Typer) -> None:
     app.command("schedule")(schedule)
 
 
-def load_config(config: Path, db: Path | None, pipeline: str) -> PipelineConfig:
-    """The validated config, `--db` applied, paths made absolute, settings checked before ZenML starts."""
+def load_config(config: Path, db: Path | None, pipeline: str, plugins: list[str] = ()) -> PipelineConfig:
+    """The validated config, `--db` and `--plugin` applied, paths made absolute, settings checked (plugins loaded)
+    before ZenML starts."""
     from ches_curate.curation import check_config
 
-    loaded = PipelineConfig.from_file(config).with_store(db).resolved()
+    loaded = PipelineConfig.from_file(config).with_store(db).with_plugins(list(plugins)).resolved()
     check_config(loaded)
     return loaded
 
@@ -40,6 +42,7 @@ def run(
     pipeline: str = typer.Argument(..., help=PIPELINE_HELP),
     config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
     db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
+    plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Run a ZenML pipeline: curation (ingest → validate → score → validate → filter → export),
     ablation (DPO on curated vs full vs random arms) or refresh (only what changed)."""
@@ -47,7 +50,7 @@ def run(
 
     if pipeline not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    loaded = load_config(config, db, pipeline)
+    loaded = load_config(config, db, pipeline, plugin)
     result = run_pipeline(pipeline, loaded)
     if result is None or str(result.status.value) != "completed":
         status = "submitted" if result is None else str(result.status.value)
