@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test bench clean
+.PHONY: venv browser demo test bench dashboard clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ browser:
 
 test: venv browser
 	$(PY) -m pytest -q
+
+# The ZenML dashboard: installs zenml[server] (requirements-dashboard.txt; no pinned version changes) and starts a
+# local server. `zenml login --local` points the global ZenML config at it; `zenml logout --local` stops it and
+# goes back to the local store.
+dashboard: venv
+	$(PY) -m pip install -q -r requirements-dashboard.txt
+	ZENML_ANALYTICS_OPT_IN=false $(VENV)/bin/zenml login --local
 
 bench: venv
 	$(PY) bench/ches_throughput.py

@@ -100,7 +100,7 @@ def where_to_look(store: str, selection_id: int, run_id: str) -> None:
                   f"SELECT kept, count(*) FROM selections WHERE selection_id = {selection_id} GROUP BY kept",
                   "SELECT run_id, n_scored, n_skipped, zenml_run_id FROM score_runs"):
         console.print(f"  ches-curate sql \"{escape(query)}\" {escape(db)}", highlight=False)
-    console.print(f"  zenml pipeline runs list; the run: {run_id} (dashboard: `zenml login --local`)", highlight=False)
+    console.print(f"  zenml pipeline runs list; the run: {run_id} (dashboard: `make dashboard`)", highlight=False)
 
 
 def show_ablation(run_response: Any) -> None:
