@@ -150,7 +150,7 @@ def plan_arms(
 def _selected_arm(store: Store, name: str, version: int, model_key: str, scores: tuple[pd.DataFrame, int],
                   policy: str, params: dict) -> tuple[Arm, int]:
     label = PolicySpec(name=policy, params=params).label()
-    selection = select(store, name, version, model_key, policy, params, scores=scores)
+    selection = select(store, name, version, model_key, policy, params, scores=scores, source="ablation")
     if not selection.n_kept:
         raise ChesCurateError(f"arm {label} keeps no pairs; loosen the policy's parameters")
     return Arm(label, selection.kept_pair_ids, policy, dict(params), selection.selection_id), (
