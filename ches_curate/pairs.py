@@ -57,6 +57,20 @@ class PreferencePair:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
 
 
+def prompt_messages(prompt: Prompt) -> list[Message]:
+    """The prompt as chat messages: a string prompt is one `user` message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def plain_prompt(prompt: Prompt) -> str | None:
+    """The text of a prompt that is plain text (a string, or exactly one `user` message); None for a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return prompt[0]["content"]
+    return None
+
+
 def _normalize(value: Prompt) -> Any:
     if isinstance(value, str):
         return unicodedata.normalize("NFC", value.replace("\r\n", "\n"))
@@ -64,13 +78,19 @@ def _normalize(value: Prompt) -> Any:
 
 
 def pair_id(prompt: Prompt, chosen: str, rejected: str) -> str:
-    """Stable id: sha256 of the canonical JSON of the NFC-normalised prompt/chosen/rejected.
+    """Stable id: sha256 of the canonical JSON of the normalised conversation (prompt, chosen, rejected).
 
-    Line endings are unified (CRLF -> LF) and Unicode is NFC-normalised, so the same
-    pair read from a CSV on Windows or a JSONL on Linux gets the same id.
+    The same pair in any layout gets one id: a prompt of one `user` message counts as
+    its text (so the TRL conversational, UltraFeedback and prompt/chosen/rejected layouts
+    of a single-turn pair agree, and plain pairs keep the ids of earlier releases); a
+    longer conversation counts as its list of `{role, content}` messages. Line endings
+    are unified (CRLF -> LF) and Unicode is NFC-normalised, so the same pair read from a
+    CSV on Windows or a JSONL on Linux gets the same id.
     """
+    text = plain_prompt(prompt)
     canonical = json.dumps(
-        {"prompt": _normalize(prompt), "chosen": _normalize(chosen), "rejected": _normalize(rejected)},
+        {"prompt": _normalize(prompt if text is None else text), "chosen": _normalize(chosen),
+         "rejected": _normalize(rejected)},
         ensure_ascii=False,
         sort_keys=True,
         separators=(",", ":"),

@@ -80,8 +80,9 @@ def test_conversational_prompt_is_the_shared_prefix_or_the_given_prompt():
     assert explicit.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert (explicit.chosen, explicit.rejected) == ("4", "5")
     assert (repeated.prompt, repeated.chosen, repeated.rejected) == ("Say hi.", "Hi!", "No.")
-    # A string prompt keeps the id of the same pair written as plain strings.
-    assert repeated.pair_id == PreferencePair("Say hi.", "Hi!", "No.").pair_id
+    # One pair, one id, whatever the layout: plain strings, TRL conversational, UltraFeedback.
+    as_messages = PreferencePair([{"role": "user", "content": "Say hi."}], "Hi!", "No.")
+    assert repeated.pair_id == PreferencePair("Say hi.", "Hi!", "No.").pair_id == as_messages.pair_id
 
 
 def test_hh_rlhf_prompt_ends_with_the_last_assistant_marker_and_response_keeps_its_space():
