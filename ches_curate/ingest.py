@@ -240,33 +240,55 @@ def _from_prompt_chosen_rejected(record: dict[str, Any]) -> tuple[Prompt, str, s
     return prompt, chosen, rejected, ("prompt", "chosen", "rejected")
 
 
-def split_hh_transcript(text: str) -> tuple[str, str] | None:
-    """(prompt, response) of an hh-rlhf transcript, split after its last `\\n\\nAssistant:`; None without one.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |\Z)")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
-    This is the convention of the DPO reference code (`extract_anthropic_prompt`): the
-    prompt keeps the trailing `\\n\\nAssistant:` and the response keeps its leading space,
-    so `prompt + response == text`.
+
+def split_hh_transcript(text: str) -> tuple[list[Message], str] | None:
+    """(prompt messages, response) of an hh-rlhf transcript; None unless it is turns ending with the assistant's.
+
+    Turns are split as TRL's hh-rlhf preparation splits them: at `\\n\\nHuman: ` (a `user`
+    message) and `\\n\\nAssistant: ` (an `assistant` message), each message's content being the
+    text up to the next turn marker. The final turn must be the assistant's: its content is
+    the response, the turns before it are the prompt. A transcript ending in
+    `\\n\\nAssistant:` has an empty response. Text before the first turn makes it unsplittable.
     """
-    cut = text.rfind(ASSISTANT)
-    return None if cut < 0 else (text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):])
+    parts = _HH_TURN.split(text)
+    if parts[0] or len(parts) < 3 or parts[-2] != "Assistant":
+        return None
+    turns = [{"role": _HH_ROLES[role], "content": content} for role, content in zip(parts[1::2], parts[2::2])]
+    return turns[:-1], turns[-1]["content"]
 
 
 def _from_hh_rlhf(record: dict[str, Any]) -> tuple[Prompt, str, str, tuple[str, ...]]:
-    """Split both transcripts with `split_hh_transcript`; their prompts must be identical (never guessed)."""
+    """Parse both transcripts with `split_hh_transcript`; their prompts must be identical (never guessed)."""
     prompts, responses = [], []
     for key in ("chosen", "rejected"):
-        split = split_hh_transcript(_field_text(record, key))
+        text = _field_text(record, key)
+        split = split_hh_transcript(text)
         if split is None:
-            raise _RowProblem(key, "has no '\\n\\nAssistant:' turn",
-                              "not an hh-rlhf transcript: add a 'prompt' column or pass --format")
+            raise _RowProblem(key, _hh_fault(text), "not an hh-rlhf transcript: add a 'prompt' column or pass --format")
         prompts.append(split[0])
         responses.append(_check_text(key, split[1], "after the last '\\n\\nAssistant:'"))
     if prompts[0] != prompts[1]:
-        differ_at = next((i for i, (a, b) in enumerate(zip(*prompts)) if a != b), min(map(len, prompts)))
+        cut = [text[: text.rfind(ASSISTANT) + len(ASSISTANT)] for text in (record["chosen"], record["rejected"])]
+        differ_at = next((i for i, (a, b) in enumerate(zip(*cut)) if a != b), min(map(len, cut)))
         raise _RowProblem("rejected", "does not match 'chosen': chosen and rejected transcripts differ before "
                           f"the last assistant turn (first difference at character {differ_at})",
                           "fix the transcripts or " + QUARANTINE_HINT)
+    if not prompts[0]:
+        raise _RowProblem("chosen", "has no turn before its last '\\n\\nAssistant:' turn; the prompt would be empty")
     return prompts[0], responses[0], responses[1], ("chosen", "rejected")
+
+
+def _hh_fault(text: str) -> str:
+    """Why `split_hh_transcript` cannot split `text`."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3:
+        return "has no '\\n\\nAssistant:' turn"
+    if parts[0]:
+        return "has text before its first turn (turns start with '\\n\\nHuman: ' or '\\n\\nAssistant: ')"
+    return f"ends with a '{parts[-2]}' turn, not the assistant's response"
 
 
 def _from_conversational(record: dict[str, Any]) -> tuple[Prompt, str, str, tuple[str, ...]]:

@@ -85,18 +85,43 @@ def test_conversational_prompt_is_the_shared_prefix_or_the_given_prompt():
     assert repeated.pair_id == PreferencePair("Say hi.", "Hi!", "No.").pair_id == as_messages.pair_id
 
 
-def test_hh_rlhf_prompt_ends_with_the_last_assistant_marker_and_response_keeps_its_space():
+def transcript(messages: list[dict], response: str) -> str:
+    """An hh-rlhf transcript written back from its turns: the inverse of the parse."""
+    turns = [*messages, {"role": "assistant", "content": response}]
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
+
+
+def test_hh_rlhf_transcripts_become_conversations_as_trl_prepares_them():
     first, second = read_pairs(DATA / "hh_rlhf.jsonl")
     assert first.format == second.format == "hh_rlhf"
-    assert first.prompt == "\n\nHuman: How do I boil an egg?\n\nAssistant:"
-    assert (first.chosen, first.rejected) == (" Put it in boiling water for nine minutes.", " Eggs are overrated.")
-    assert second.prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant:"
-    assert second.rejected == " No."
+    assert first.prompt == [{"role": "user", "content": "How do I boil an egg?"}]
+    assert (first.chosen, first.rejected) == ("Put it in boiling water for nine minutes.", "Eggs are overrated.")
+    assert second.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "Tell me a joke."}]
+    assert second.rejected == "No."
     record = _jsonl_records(DATA / "hh_rlhf.jsonl")[1]
-    assert second.prompt + second.chosen == record["chosen"]
-    assert second.prompt + second.rejected == record["rejected"]
-    assert split_hh_transcript(record["rejected"]) == (second.prompt, " No.")
+    assert transcript(second.prompt, second.chosen) == record["chosen"]
+    assert transcript(second.prompt, second.rejected) == record["rejected"]
+    assert split_hh_transcript(record["rejected"]) == (second.prompt, "No.")
+    assert split_hh_transcript("\n\nHuman: Hi\n\nAssistant:") == ([{"role": "user", "content": "Hi"}], "")
     assert split_hh_transcript("\n\nHuman: Hi") is None
+    assert split_hh_transcript("Human: Hi\n\nAssistant: Hello.") is None
+
+
+@pytest.mark.parametrize(("chosen", "field", "reason"), [
+    ("Human: Hi\n\nAssistant: Hello.", "chosen",
+     "has text before its first turn (turns start with '\\n\\nHuman: ' or '\\n\\nAssistant: ')"),
+    ("\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye", "chosen",
+     "ends with a 'Human' turn, not the assistant's response"),
+    ("\n\nAssistant: Hello.", "chosen",
+     "has no turn before its last '\\n\\nAssistant:' turn; the prompt would be empty"),
+])
+def test_unparseable_hh_rlhf_transcripts_are_quarantined_with_the_reason(tmp_path, chosen, field, reason):
+    path = tmp_path / "hh.jsonl"
+    rejected = chosen.replace("Hello.", "Go away.") if "Hello." in chosen else chosen + " no"
+    path.write_text(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
+    (row,) = read_pairs(path, format="hh_rlhf", on_error="quarantine")
+    assert isinstance(row, RejectedRow) and (row.line, row.field, row.reason) == (1, field, reason)
 
 
 def test_strings_without_a_prompt_or_hh_markers_are_rejected_row_by_row(tmp_path):
@@ -132,7 +157,7 @@ def test_auto_detection_skips_a_bad_first_row_and_reports_it_as_a_row(tmp_path):
     assert str(err.value) == f"{path}:1: field 'chosen' is empty {HINT}"
     pairs, rejected = _split(list(read_pairs(path, on_error="quarantine")))
     assert [(r.line, r.field) for r in rejected] == [(1, "chosen")]
-    assert [(p.row, p.format, p.chosen) for p in pairs] == [(1, "hh_rlhf", " Hello.")]
+    assert [(p.row, p.format, p.chosen) for p in pairs] == [(1, "hh_rlhf", "Hello.")]
 
 
 def test_explicit_format_that_does_not_fit_the_columns_fails_the_file():
@@ -242,11 +267,12 @@ def test_shared_hh_rlhf_reports_mismatched_transcripts_and_empty_responses(share
     assert {r.field for r in rejected if r.line in mismatched} == {"rejected"}
     assert len(pairs) == 1493 and {p.format for p in pairs} == {"hh_rlhf"}
     records = _jsonl_records(shared_hh_path)
-    for pair in (pairs[0], pairs[-1]):
+    for pair in pairs:
         record = records[pair.row]
-        cut = record["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
-        assert (pair.prompt, pair.chosen) == (record["chosen"][:cut], record["chosen"][cut:])
-        assert pair.prompt + pair.rejected == record["rejected"]
+        assert transcript(pair.prompt, pair.chosen) == record["chosen"]
+        assert transcript(pair.prompt, pair.rejected) == record["rejected"]
+    assert max(len(p.prompt) for p in pairs) > 1
+    assert {m["role"] for p in pairs for m in p.prompt} == {"user", "assistant"}
 
 
 def test_local_datasets_directory_is_read_like_the_jsonl(tmp_path):
