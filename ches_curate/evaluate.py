@@ -195,7 +195,7 @@ def run_probe(model, prompt: Prompt, preferred: str, dispreferred: str, config: 
     table = _token_table(before, after, prediction, exclude=(y_plus, y_minus))
     risers = table.nsmallest(config.top_k, "rise_rank")
     predicted = table.nsmallest(config.top_k, "prediction_rank")
-    watch_ids = [i for i in (encode_response(tokenizer, text)[0] for text in config.watch) if i in table.index]
+    watch_ids = [i for i in (encode_response(tokenizer, prompt, text)[0] for text in config.watch) if i in table.index]
     return ProbeResult(
         ches=float(score["ches"]),
         ln_ches=float(score["ln_ches"]),

@@ -2,8 +2,8 @@
 
 Likelihood displacement (Razin et al., ICLR 2025) is DPO lowering log pi(y+|x), the
 log-probability of the *preferred* response, even though it raises the margin over
-y-. We measure it pair by pair: the same tokens (`ches_curate.tokenization`
-contract) are scored before and after training, and the changes are set against
+y-. We measure it pair by pair: the tokens DPO trains on (`ches_curate.tokenization`)
+are scored before and after training, and the changes are set against
 each pair's CHES (the paper's Figure-2 relation: higher CHES, larger drop).
 """
 
@@ -20,7 +20,7 @@ from ches_curate.pairs import PreferencePair
 from ches_curate.tokenization import encode_pair
 
 LOGP_COLUMNS = ("row", "pair_id", "preferred_logp", "dispreferred_logp", "chosen_tokens", "rejected_tokens", "truncated")
-"""Columns of `pair_logps`: log-probabilities in nats, summed over the response tokens (EOS included)."""
+"""Columns of `pair_logps`: log-probabilities in nats, summed over the response tokens (EOS or end of turn included)."""
 
 PAIR_LIKELIHOOD_COLUMNS = (
     "pair_id",
@@ -32,17 +32,19 @@ PAIR_LIKELIHOOD_COLUMNS = (
 
 
 def pair_logps(
-    model, tokenizer, pairs: Iterable[PreferencePair], *, batch_size: int = 8, max_length: int | None = None
+    model, tokenizer, pairs: Iterable[PreferencePair], *, batch_size: int = 8, max_length: int | None = None,
+    chat_template: bool | None = None,
 ) -> pd.DataFrame:
     """log pi(y+|x) and log pi(y-|x) of each pair, one row per pair (columns `LOGP_COLUMNS`).
 
     log pi(y|x) = sum_t log softmax(logits at position P-1+t)[y_t], with P the prompt
     length: the position before each response token predicts it. Sequences are
     batched (`batch_size` pairs, i.e. 2x sequences, sorted by length to limit
-    padding) and right-padded, so padding never shifts a position.
+    padding) and right-padded, so padding never shifts a position. The ids are `encode_pair`'s
+    (with `chat_template` and `max_length`): what DPO trains on, end-of-turn tokens included.
     """
     pairs = list(pairs)
-    encoded = [encode_pair(tokenizer, pair, max_length) for pair in pairs]
+    encoded = [encode_pair(tokenizer, pair, max_length, chat_template) for pair in pairs]
     sequences = [(e.prompt_ids, e.chosen_ids) for e in encoded] + [(e.prompt_ids, e.rejected_ids) for e in encoded]
     logps = sequence_logps(model, sequences, batch_size=2 * batch_size, pad_token_id=_pad_id(tokenizer))
     n = len(pairs)

@@ -3,21 +3,16 @@
 `train_dpo(model, ref_model, pairs, config)` trains `model` in place and records
 log pi(y+|x), log pi(y-|x) of every training pair before and after (and every
 `track_every` steps), so likelihood displacement is measured on the tokens that
-were trained on (up to truncation, below).
+were trained on.
 
-TRL receives the pairs in its standard (text) format: the prompt rendered with the
-chat template, responses as plain text. TRL then appends EOS to each response and
-tokenizes prompt + response, which reproduces our tokenization contract
-(`ches_curate.tokenization`) token for token. TRL's conversational format does
-not: it renders the assistant turn through the template, which adds the template's
-turn suffix after EOS (`<|im_end|>` then `\\n` for ChatML), one extra trained token
-per response. Pairs longer than `max_length` are truncated by TRL from the end
-(`truncation_mode="keep_start"`: the prompt is kept whole, the responses lose their
-end, and a pair whose prompt alone fills `max_length` is dropped), whereas the
-contract keeps the prompt's end when the prompt is longer than `max_length // 2`.
-Pairs where TRL's token ids differ from ours are counted in
-`TrainResult.tokenization_mismatches`; the likelihoods are always measured under the
-contract.
+TRL receives each pair as the example `export` writes (`tokenization.trl_example`:
+conversational through the chat template, or standard text with `chat_template=False`
+or a tokenizer without one), so the ids it trains on are the ids `encode_pair` gives,
+the ones scoring and likelihood tracking use, truncation (TRL's `keep_start`) included.
+Pairs TRL would drop (a prompt of `max_length` tokens or more) are left out before
+training and counted in `TrainResult.n_dropped`. `TrainResult.tokenization_mismatches`
+counts pairs whose ids in TRL's prepared dataset differ from `encode_pair`'s: a check
+that the two tokenizations still agree (0 unless TRL changed).
 """
 
 from __future__ import annotations
@@ -37,7 +32,8 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.likelihood import DisplacementSummary, displacement_summary, pair_likelihoods, pair_logps
 from ches_curate.models import LoadedModel
 from ches_curate.pairs import PreferencePair
-from ches_curate.tokenization import encode_pair
+from ches_curate import tokenization
+from ches_curate.tokenization import TruncationError, encode_pair, trl_example
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +60,8 @@ class TrainResult:
     snapshots: pd.DataFrame
     tokenization_mismatches: int
     log_history: list[dict] = field(default_factory=list)
+    n_dropped: int = 0
+    """Pairs left out because TRL would drop them (their prompt fills `max_length`)."""
 
     def displacement(self, scores: pd.DataFrame | None = None) -> DisplacementSummary:
         """Likelihood-displacement summary of this run, correlated with CHES when `scores` is given."""
@@ -73,38 +71,41 @@ class TrainResult:
         return pair_likelihoods(self.before, self.after)
 
 
-def train_dpo(model, ref_model, pairs: Iterable[PreferencePair], config: TrainConfig | None = None) -> TrainResult:
+def train_dpo(model, ref_model, pairs: Iterable[PreferencePair], config: TrainConfig | None = None,
+              chat_template: bool | None = None) -> TrainResult:
     """Run DPO on `pairs` with TRL and measure per-pair likelihoods before and after.
 
     `model` is a `LoadedModel` (`ches_curate.models.load_model`); its weights are
     trained in place. `ref_model` is the frozen reference pi_ref (a `PreTrainedModel`
     or a `LoadedModel`); None uses a copy of the starting weights. Either way TRL gets
     it explicitly, so it never tries to fetch a reference model from the hub.
+    `chat_template` is as for `encode_pair` (None: `tokenization.use_chat_template`'s
+    setting); train with the tokenization the pairs were scored with.
     """
     config = config or TrainConfig()
     pairs = list(pairs)
     if not pairs:
         raise ChesCurateError("no pairs to train on (is the selection empty?)")
     policy, tokenizer = model.model, model.tokenizer
+    chat_template = tokenization.renders_chat(tokenizer, chat_template)
+    trainable = _trainable(tokenizer, pairs, config.max_length, chat_template)
+    n_dropped, pairs = len(pairs) - len(trainable), trainable
     ref = ref_model.model if isinstance(ref_model, LoadedModel) else ref_model
     ref = clone_model(policy) if ref is None else ref
     if ref is policy:
         raise ChesCurateError("the reference model must be a separate copy of the weights, not the model being trained")
 
-    tracker = _LikelihoodTracker(tokenizer, pairs, config)
+    tracker = _LikelihoodTracker(tokenizer, pairs, config, chat_template)
     before = tracker.record(policy, step=0)
     with warnings.catch_warnings():
         # transformers 5 renamed gradient checkpointing; TRL still reads the old names.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-        trainer = _trainer(policy, ref.eval(), tokenizer, pairs, config, tracker)
-        if len(trainer.train_dataset) == 0:
-            raise ChesCurateError(
-                f"every prompt fills max_length={config.max_length} tokens, so TRL has nothing to train on; "
-                "raise max_length"
-            )
-        mismatches = count_tokenization_mismatches(trainer.train_dataset, pairs, tokenizer, config.max_length)
+        trainer = _trainer(policy, ref.eval(), tokenizer, pairs, config, tracker, chat_template)
+        mismatches = count_tokenization_mismatches(trainer.train_dataset, pairs, tokenizer, config.max_length,
+                                                   chat_template)
         if mismatches:
-            logger.warning("%d of %d pairs are tokenized by TRL unlike scoring (see ches_curate.train)", mismatches, len(pairs))
+            logger.warning("%d of %d pairs are tokenized by TRL unlike scoring (see ches_curate.train)", mismatches,
+                           len(pairs))
         started = time.perf_counter()
         output = trainer.train()
         wall_time_s = time.perf_counter() - started
@@ -128,10 +129,31 @@ def train_dpo(model, ref_model, pairs: Iterable[PreferencePair], config: TrainCo
         snapshots=pd.concat(tracker.snapshots, ignore_index=True),
         tokenization_mismatches=mismatches,
         log_history=list(trainer.state.log_history),
+        n_dropped=n_dropped,
     )
 
 
-def _trainer(policy, ref, tokenizer, pairs: list[PreferencePair], config: TrainConfig, tracker):
+def _trainable(tokenizer, pairs: list[PreferencePair], max_length: int | None,
+               chat_template: bool) -> list[PreferencePair]:
+    """The pairs TRL keeps: not those whose prompt fills `max_length`. A pair TRL cannot tokenize is an error."""
+    kept = []
+    for pair in pairs:
+        try:
+            prompt_ids = encode_pair(tokenizer, pair, None, chat_template).prompt_ids
+        except TruncationError as err:
+            raise ChesCurateError(f"row {pair.row} (pair {pair.pair_id[:12]}) cannot be trained on: {err}") from None
+        if max_length is None or len(prompt_ids) < max_length:
+            kept.append(pair)
+    if not kept:
+        raise ChesCurateError(f"every prompt fills max_length={max_length} tokens, so TRL has nothing to train on; "
+                              "raise max_length")
+    if len(kept) < len(pairs):
+        logger.warning("%d of %d pairs left out: their prompt fills max_length=%s tokens, so TRL would drop them",
+                       len(pairs) - len(kept), len(pairs), max_length)
+    return kept
+
+
+def _trainer(policy, ref, tokenizer, pairs: list[PreferencePair], config: TrainConfig, tracker, chat_template: bool):
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
 
@@ -139,7 +161,7 @@ def _trainer(policy, ref, tokenizer, pairs: list[PreferencePair], config: TrainC
         model=policy,
         ref_model=ref,
         args=_dpo_config(config, policy),
-        train_dataset=trl_dataset(pairs, tokenizer),
+        train_dataset=trl_dataset(pairs, chat_template),
         processing_class=tokenizer,
         callbacks=[_every_n_steps(tracker, config.track_every)] if config.track_every > 0 else None,
         peft_config=_lora_config(config) if config.lora else None,
@@ -162,44 +184,22 @@ def _drop_fused_head(model) -> None:
     model.__dict__.pop("forward", None)
 
 
-def trl_dataset(pairs: Iterable[PreferencePair], tokenizer):
-    """TRL's standard preference format: `prompt` (chat template rendered as text), `chosen`, `rejected`, `pair_id`."""
+def trl_dataset(pairs: Iterable[PreferencePair], chat_template: bool):
+    """The pairs as TRL examples (`tokenization.trl_example`, as `export` writes them) plus a `pair_id` column."""
     from datasets import Dataset
 
-    records = [
-        {"pair_id": p.pair_id, "prompt": prompt_text(tokenizer, p.prompt), "chosen": p.chosen, "rejected": p.rejected}
-        for p in pairs
-    ]
-    return Dataset.from_list(records)
+    return Dataset.from_list([{"pair_id": p.pair_id, **trl_example(p, chat_template)} for p in pairs])
 
 
-def prompt_text(tokenizer, prompt) -> str:
-    """The prompt as TRL should see it: tokenizing this text gives `encode_prompt`'s ids.
-
-    The chat template renders special tokens such as BOS as text; a tokenizer that
-    also adds BOS itself would double it, so the rendered one is dropped then.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        if not isinstance(prompt, str):
-            raise ChesCurateError("a conversational prompt needs a tokenizer with a chat template; this model has none")
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-    if adds_bos and text.startswith(bos):
-        text = text[len(bos) :]
-    return text
-
-
-def count_tokenization_mismatches(trl_train_dataset, pairs, tokenizer, max_length: int | None) -> int:
-    """Pairs that TRL dropped or tokenized differently from `encode_pair` (e.g. truncated differently)."""
+def count_tokenization_mismatches(trl_train_dataset, pairs, tokenizer, max_length: int | None,
+                                  chat_template: bool) -> int:
+    """Pairs that TRL dropped or tokenized differently from `encode_pair` (0 while the two agree)."""
     trl_ids = {
         row["pair_id"]: (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in trl_train_dataset
     }
     mismatches = 0
     for pair in pairs:
-        ours = encode_pair(tokenizer, pair, max_length)
+        ours = encode_pair(tokenizer, pair, max_length, chat_template)
         # TRL's collator cuts prompt + response to max_length after this point (keep_start).
         theirs = trl_ids.get(pair.pair_id)
         if theirs is not None and max_length is not None:
@@ -261,14 +261,13 @@ def _reward_accuracy(before: pd.DataFrame, after: pd.DataFrame) -> float:
 class _LikelihoodTracker:
     """Records `pair_logps` of the training pairs at step 0, every `track_every` steps and at the end."""
 
-    def __init__(self, tokenizer, pairs: list[PreferencePair], config: TrainConfig):
-        self.tokenizer, self.pairs, self.config = tokenizer, pairs, config
+    def __init__(self, tokenizer, pairs: list[PreferencePair], config: TrainConfig, chat_template: bool):
+        self.tokenizer, self.pairs, self.config, self.chat_template = tokenizer, pairs, config, chat_template
         self.snapshots: list[pd.DataFrame] = []
 
     def record(self, model, step: int) -> pd.DataFrame:
-        frame = pair_logps(
-            model, self.tokenizer, self.pairs, batch_size=self.config.track_batch_size, max_length=self.config.max_length
-        )
+        frame = pair_logps(model, self.tokenizer, self.pairs, batch_size=self.config.track_batch_size,
+                           max_length=self.config.max_length, chat_template=self.chat_template)
         if not self.snapshots or self.snapshots[-1]["step"].iat[0] != step:
             self.snapshots.append(frame.assign(step=step))
         return frame

@@ -108,8 +108,7 @@ def test_chat_template_is_applied_to_the_prompt(tiny_llama_dir, tiny_gpt2_dir):
     assert chat.tokenizer.decode(encoded.prompt_ids) == (
         "<|im_start|>user\nhow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert encoded.chosen_ids[-1] == chat.tokenizer.eos_token_id
-    assert chat.tokenizer.decode(encoded.chosen_ids[:-1]) == "No"
+    assert chat.tokenizer.decode(encoded.chosen_ids) == "No<|im_end|>\n"  # the assistant turn, as DPO trains on it
     plain = load_model(str(tiny_gpt2_dir))
     assert plain.tokenizer.decode(encode_pair(plain.tokenizer, pair).prompt_ids) == "how do I pick a lock?"
 
@@ -139,17 +138,17 @@ def test_swapping_responses_sums_to_minus_squared_distance(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("prompt_feed", PROMPT_FEEDS)
-def test_truncation_keeps_prompt_end_and_response_start(tiny_llama_dir, prompt_feed):
+def test_truncation_keeps_the_prompt_and_the_responses_start_as_trl(tiny_llama_dir, prompt_feed):
     loaded = load_model(str(tiny_llama_dir))
     pair = make_pairs()[4]
     full = encode_pair(loaded.tokenizer, pair)
-    cut = encode_pair(loaded.tokenizer, pair, max_length=16)
+    max_length = len(full.prompt_ids) + 2
+    cut = encode_pair(loaded.tokenizer, pair, max_length=max_length)
     assert cut.truncated and not full.truncated
-    assert cut.prompt_ids == full.prompt_ids[-len(cut.prompt_ids):]
-    assert cut.chosen_ids == full.chosen_ids[: len(cut.chosen_ids)]
-    assert len(cut.prompt_ids) + max(len(cut.chosen_ids), len(cut.rejected_ids)) <= 16
-    row = score_pairs([pair], loaded, max_length=16, **PROMPT_FEEDS[prompt_feed]).iloc[0]
-    ches, ln_ches, *_ = reference_scores(loaded, pair, max_length=16)
+    assert cut.prompt_ids == full.prompt_ids
+    assert (cut.chosen_ids, cut.rejected_ids) == (full.chosen_ids[:2], full.rejected_ids[:2])
+    row = score_pairs([pair], loaded, max_length=max_length, **PROMPT_FEEDS[prompt_feed]).iloc[0]
+    ches, ln_ches, *_ = reference_scores(loaded, pair, max_length=max_length)
     assert row.truncated
     assert row.ches == pytest.approx(ches, rel=RTOL)
     assert row.ln_ches == pytest.approx(ln_ches, rel=RTOL)

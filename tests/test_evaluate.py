@@ -26,7 +26,7 @@ from ches_curate.hookspecs import hookimpl
 from ches_curate.models import load_model
 from ches_curate.pairs import PreferencePair
 from ches_curate.scoring import score_pairs
-from ches_curate.tokenization import encode_pair, encode_response
+from ches_curate.tokenization import encode_pair
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -156,7 +156,7 @@ def test_probe_reports_probabilities_and_the_theory_on_a_tiny_model(llama):
     assert result.predicted.prediction.tolist() == pytest.approx(prediction.topk(5).values.tolist())
     assert result.risers.prob_change.is_monotonic_decreasing and result.risers.rise_rank.tolist() == [1, 2, 3, 4, 5]
     assert (result.risers.prob_after - result.risers.prob_before).tolist() == pytest.approx(result.risers.prob_change.tolist())
-    sure = encode_response(llama.tokenizer, "sure")[0]
+    sure = llama.tokenizer("sure", add_special_tokens=False)["input_ids"][0]  # ChatML: the reply starts a new line
     assert result.watched.token_id.tolist() == [sure], "the watched 'No' is y+ itself, reported separately"
     assert 0 <= result.overlap_at_k <= 1 and -1 <= result.prediction_spearman <= 1
     assert all(torch.equal(p, before_weights[n]) for n, p in llama.model.named_parameters()), "the probe trains a copy"

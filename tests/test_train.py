@@ -63,10 +63,12 @@ def naive_logp(model, tokenizer, pair: PreferencePair, response: str, max_length
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
-@pytest.mark.parametrize("batch_size,max_length", [(1, None), (4, None), (3, 12)])
+@pytest.mark.parametrize("batch_size,max_length", [(1, None), (4, None), (3, "tight")])
 def test_batched_pair_logps_match_naive_per_pair_computation(request, which, batch_size, max_length):
     loaded = request.getfixturevalue(which)
     pairs = [p for p in toy_pairs(7) if which == "llama" or isinstance(p.prompt, str)]
+    if max_length == "tight":  # every prompt fits (TRL would drop the others), some responses are cut
+        max_length = max(len(encode_pair(loaded.tokenizer, p).prompt_ids) for p in pairs) + 3
     frame = pair_logps(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, max_length=max_length)
     assert frame.pair_id.tolist() == [p.pair_id for p in pairs]
     assert frame.truncated.any() == (max_length is not None)
@@ -122,28 +124,17 @@ def test_training_changes_weights_and_records_likelihoods(llama, tmp_path):
     assert "forward" not in vars(loaded.model), "TRL's patched forward must not outlive training"
 
 
-def trl_keep_start(encoded, max_length: int):
-    """TRL's documented truncation of the untruncated ids: drop a pair whose prompt fills max_length, else
-    keep the prompt whole and cut each response to the room left."""
-    if len(encoded.prompt_ids) >= max_length:
-        return None
-    room = max_length - len(encoded.prompt_ids)
-    return encoded.prompt_ids, encoded.chosen_ids[:room], encoded.rejected_ids[:room]
-
-
 def test_trl_tokenizes_pairs_like_the_scoring_contract(llama, gpt2, tmp_path):
-    """TRL appends EOS to the text responses exactly as encode_pair does; only truncation may differ."""
-    for loaded, max_length in ((llama, 40), (gpt2, 16)):
+    """TRL's prepared ids are encode_pair's, truncation included; the pairs TRL would drop are left out first."""
+    for loaded, max_length in ((llama, 30), (gpt2, 10)):
         pairs = [p for p in toy_pairs(6) if loaded is llama or isinstance(p.prompt, str)]
-        config = TrainConfig(max_steps=1, batch_size=2, save_model=False, output_dir=str(tmp_path), max_length=None)
-        assert train_dpo(fresh(loaded), loaded.model, pairs, config).tokenization_mismatches == 0
-
-        ours = [encode_pair(loaded.tokenizer, p, max_length) for p in pairs]
-        theirs = [trl_keep_start(encode_pair(loaded.tokenizer, p), max_length) for p in pairs]
-        expected = sum(t != (o.prompt_ids, o.chosen_ids, o.rejected_ids) for o, t in zip(ours, theirs))
-        assert sum(o.truncated for o in ours) > 0
-        config.max_length = max_length
-        assert train_dpo(fresh(loaded), loaded.model, pairs, config).tokenization_mismatches == expected
+        prompts = [len(encode_pair(loaded.tokenizer, p).prompt_ids) for p in pairs]
+        config = TrainConfig(max_steps=1, batch_size=2, save_model=False, output_dir=str(tmp_path),
+                             max_length=max_length)
+        result = train_dpo(fresh(loaded), loaded.model, pairs, config)
+        assert result.tokenization_mismatches == 0
+        assert result.n_dropped == sum(n >= max_length for n in prompts) > 0
+        assert result.before.truncated.any() and len(result.before) == len(pairs) - result.n_dropped
 
 
 def test_training_refuses_when_every_prompt_fills_max_length(llama, tmp_path):
