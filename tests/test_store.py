@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from ches_curate.errors import ChesCurateError, StoreLockedError
 from ches_curate.ingest import RejectedRow
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.store import Store
+from ches_curate.tokenization import use_chat_template
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,11 +32,11 @@ CONTRACT_COLUMNS = {
     "score_runs": "run_id dataset_name dataset_version model_key params status started_at finished_at n_scored "
                   "n_skipped n_failed zenml_run_id",
     "scores": "pair_id model_key ches ln_ches chosen_tokens rejected_tokens last_hidden_ip edit_distance truncated "
-              "run_id scored_at",
+              "run_id scored_at tokenization_version",
     "quarantine": "quarantine_id dataset_name dataset_version stage source line field reason expectation pair_id raw "
                   "created_at",
     "selections": "selection_id policy params dataset_name dataset_version model_key pair_id kept rank score_column "
-                  "created_at",
+                  "created_at source",
     "quality_runs": "quality_run_id suite dataset_name dataset_version model_key started_at finished_at success n_rows "
                     "failure_rate summary ge_result",
     "quality_results": "quality_run_id expectation severity success unexpected_count unexpected_pair_ids details",
@@ -75,11 +77,12 @@ def columns_of(con, name: str) -> list[str]:
 
 def test_new_store_has_every_contract_table_and_column(tmp_path):
     store = Store(tmp_path / "s.duckdb")
-    assert store.schema_version() == migrations.LATEST_VERSION == 4
+    assert store.schema_version() == migrations.LATEST_VERSION == 6
     with store.connect(read_only=True) as con:
         for table, expected in CONTRACT_COLUMNS.items():
             assert columns_of(con, table) == expected.split(), table
-        assert columns_of(con, "latest_scores")[:4] == ["dataset_name", "dataset_version", "row", "pair_id"]
+        assert columns_of(con, "latest_scores")[:6] == ["dataset_name", "dataset_version", "row", "pair_id",
+                                                        "model_key", "tokenization_version"]
         assert "ches_p95" in columns_of(con, "score_summary")
 
 
@@ -104,11 +107,11 @@ def test_old_database_is_migrated_to_latest_keeping_its_data(tmp_path):
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6]
     assert store.latest_version("old").version == 1
     assert store.sql("SELECT count(*) AS n FROM selections").n.iloc[0] == 0
     assert store.sql("SELECT count(*) AS n FROM score_summary").n.iloc[0] == 0
-    assert Store(path).schema_version() == 4  # reopening applies nothing twice
+    assert Store(path).schema_version() == 6  # reopening applies nothing twice
 
 
 def key_constraints(store: Store) -> list[str]:
@@ -132,14 +135,82 @@ def test_migration_4_drops_the_in_memory_keys_of_pairs_and_scores_keeping_their_
     con.close()
 
     store = Store(path)
-    assert store.schema_version() == 4 and key_constraints(store) == []
+    assert store.schema_version() == 6 and key_constraints(store) == []
     with store.connect(read_only=True) as con:
+        before["scores"] = [(*row, "1") for row in before["scores"]]  # migration 5: scored under tokenization 1
         assert {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables} == before
         assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
     assert [(p.row, p.chosen) for p in store.dataset_pairs("old")] == [(p.row, p.chosen) for p in pairs]
     assert store.sql("SELECT n_scored, ches_max FROM score_summary").values.tolist() == [[4, 1.5]]
-    run = store.start_score_run("old", 1, "m")
-    assert store.write_scores(run, "m", fake_scores(pairs)) == 0  # the migrated scores still count as written
+
+
+def test_a_version_4_store_keeps_its_scores_as_tokenization_1_and_rescoring_replaces_them(tmp_path):
+    path = tmp_path / "v4.duckdb"
+    pairs = make_pairs(4)
+    con = duckdb.connect(str(path))
+    assert migrations.apply(con, up_to=4) == [1, 2, 3, 4]
+    for p in pairs:
+        con.execute("INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?, NULL)", [p.pair_id, p.prompt_text, json.dumps(p.prompt)
+                    if isinstance(p.prompt, list) else None, p.chosen, p.rejected, p.format])
+        con.execute("INSERT INTO dataset_pairs VALUES ('old', 1, ?, ?)", [p.row, p.pair_id])
+        con.execute("INSERT INTO scores (pair_id, model_key, ches, run_id) VALUES (?, 'm', 9.0, 1)", [p.pair_id])
+    con.execute("INSERT INTO datasets (name, version, content_hash, n_pairs, n_quarantined) "
+                "VALUES ('old', 1, 'h', 4, 0)")
+    con.close()
+
+    store = Store(path)
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6]
+    assert store.sql("SELECT DISTINCT tokenization_version AS v FROM scores").v.tolist() == ["1"]
+    assert store.sql("SELECT tokenization_version, n_scored FROM score_summary").values.tolist() == [["1", 4]]
+    # Old scores are kept but never read as current: every pair is offered for scoring again.
+    assert store.score_counts("old", 1, "m") == (4, 0)
+    assert [p.row for p in store.unscored_pairs("old", 1, "m")] == [0, 1, 2, 3]
+    assert store.scores("old", model_key="m").empty
+    assert store.tokenization_versions("old", 1, "m") == {"1": 4}
+
+    frame = fake_scores(pairs[:2])
+    assert store.write_scores(store.start_score_run("old", 1, "m"), "m", frame) == 2
+    rows = store.sql("SELECT pair_id, tokenization_version AS v, ches FROM scores ORDER BY v, pair_id")
+    assert len(rows) == 4 and rows.v.tolist() == ["1", "1", "2", "2"]  # one row per pair and model: replaced
+    assert set(rows[rows.v == "2"].pair_id) == {p.pair_id for p in pairs[:2]}
+    assert store.scores("old", model_key="m").ches.tolist() == frame.ches.tolist()  # only the new ones
+    assert store.score_counts("old", 1, "m") == (4, 2)
+    assert store.tokenization_versions("old", 1, "m") == {"1": 2, "2": 2}
+
+
+def test_scores_of_the_chat_and_raw_tokenizations_are_kept_apart(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    pairs = make_pairs(3)
+    store.register_dataset("toy", None, pairs)
+    raw = fake_scores(pairs, seed=1)
+    with use_chat_template(False):
+        assert store.write_scores(store.start_score_run("toy", 1, "m"), "m", raw) == 3
+        assert store.score_counts("toy", 1, "m") == (3, 3)
+    assert store.score_counts("toy", 1, "m") == (3, 0)  # in effect: the chat template, which scored nothing
+    # Read without a choice: the only current version there is.
+    np.testing.assert_array_equal(store.scores("toy", model_key="m").ches, raw.ches)
+    chat = fake_scores(pairs[:1], seed=2)
+    assert store.write_scores(store.start_score_run("toy", 1, "m"), "m", chat) == 1  # replaces pair 0's raw score
+    assert store.tokenization_versions("toy", 1, "m") == {"2": 1, "2-raw": 2}
+    assert store.scores("toy", model_key="m").ches.tolist() == chat.ches.tolist()
+    with use_chat_template(False):
+        np.testing.assert_array_equal(store.scores("toy", model_key="m").ches, raw.ches[1:])
+    assert len(store.scores("toy", model_key="m", tokenization_version="2-raw")) == 2
+
+
+def test_a_store_that_got_migration_6_before_5_gets_5_on_open(tmp_path):
+    path = tmp_path / "hole.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.apply(con, up_to=4)
+    six = next(m for m in migrations.MIGRATIONS if m.version == 6)
+    for statement in six.statements:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version (version) VALUES (6)")
+    con.close()
+    store = Store(path)
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6]
+    with store.connect(read_only=True) as con:
+        assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
 
 
 def test_writing_connections_take_their_memory_limit_from_the_environment(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ches_curate import tokenization
 from ches_curate.store import connections, integrity, migrations
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
@@ -78,6 +79,12 @@ def _no_valid_pairs(source: str, rejected: ParquetSpill) -> ChesCurateError:
         f"{source}: no valid pairs: all {rejected.num_rows:,} rows failed (first: {where}{what}); no version was "
         "stored. Fix the file (or check --format) and ingest again"
     )
+
+
+def _current_versions() -> tuple[str, str]:
+    """The tokenization versions scores are read under: the one in effect first, then the other current one."""
+    requested = tokenization.chat_template_requested()
+    return tokenization.current_version(requested), tokenization.current_version(not requested)
 
 
 def default_path() -> Path:
@@ -271,14 +278,19 @@ class Store:
         filters = [(kept, [selection_id])] if selection_id is not None else []
         return self._pages(dv, filters, distinct)
 
-    def unscored_pairs(self, name: str, version: int, model_key: str) -> Iterator[PreferencePair]:
-        """Pairs of the version with no score for `model_key`, in row order, each `pair_id` once.
+    def unscored_pairs(self, name: str, version: int, model_key: str,
+                       tokenization_version: str | None = None) -> Iterator[PreferencePair]:
+        """Pairs of the version with no score for `model_key` under `tokenization_version`, in row order, each once.
 
-        Paged by row with a fresh read-only connection per page, so the caller may write
+        `tokenization_version` defaults to the one in effect (`tokenization.current_version`);
+        a score under any other version (an old one, say) does not count: the pair is offered
+        again. Paged by row with a fresh read-only connection per page, so the caller may write
         scores between pages; a pair scored meanwhile is simply not offered again.
         """
-        unscored = "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.pair_id = dp.pair_id AND s.model_key = ?)"
-        return self._pages(DatasetVersion(name, version, 0, 0), [(unscored, [model_key])], distinct=True, verify=True)
+        unscored = ("AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.pair_id = dp.pair_id AND s.model_key = ? "
+                    "AND s.tokenization_version = ?)")
+        values = [model_key, tokenization_version or tokenization.current_version()]
+        return self._pages(DatasetVersion(name, version, 0, 0), [(unscored, values)], distinct=True, verify=True)
 
     def _pages(
         self, dv: DatasetVersion, filters: list[tuple[str, list]], distinct: bool, verify: bool = False
@@ -322,13 +334,18 @@ class Store:
         with self.transaction() as con:
             _insert_model(con, key, info)
 
-    def score_counts(self, name: str, version: int, model_key: str) -> tuple[int, int]:
-        """(distinct pairs in the version, how many of them already have a score for `model_key`)."""
+    def score_counts(self, name: str, version: int, model_key: str,
+                     tokenization_version: str | None = None) -> tuple[int, int]:
+        """(distinct pairs in the version, how many have a score for `model_key` under `tokenization_version`).
+
+        `tokenization_version` defaults to the one in effect, as in `unscored_pairs`.
+        """
         with self.connect(read_only=True) as con:
             n_pairs, n_scored = con.execute(
                 "SELECT count(DISTINCT dp.pair_id), count(DISTINCT s.pair_id) FROM dataset_pairs dp LEFT JOIN scores s "
-                "ON s.pair_id = dp.pair_id AND s.model_key = ? WHERE dp.name = ? AND dp.version = ?",
-                [model_key, name, version],
+                "ON s.pair_id = dp.pair_id AND s.model_key = ? AND s.tokenization_version = ? "
+                "WHERE dp.name = ? AND dp.version = ?",
+                [model_key, tokenization_version or tokenization.current_version(), name, version],
             ).fetchall()[0]
         return n_pairs, n_scored
 
@@ -346,22 +363,29 @@ class Store:
                 [dataset_name, dataset_version, model_key, to_json(params), n_skipped, zenml_run_id],
             ).fetchall()[0][0]
 
-    def write_scores(self, run_id: int, model_key: str, frame: pd.DataFrame) -> int:
+    def write_scores(self, run_id: int, model_key: str, frame: pd.DataFrame,
+                     tokenization_version: str | None = None) -> int:
         """Commit one batch of scores (columns SCORE_COLUMNS) in one transaction; returns rows added.
 
-        Idempotent: a pair that already has a score for `model_key` keeps it (an anti-join
-        on (pair_id, model_key); DuckDB's file lock makes this the only writer), and a pair
-        repeated in the batch is added once, so a retried batch never duplicates.
+        The scores were computed under `tokenization_version` (default: the one in effect).
+        One score per (pair_id, model_key) is kept: a score of the same pair and model under
+        another version is replaced (migration 5 says why). Idempotent: a pair that already
+        has a score for `model_key` under this version keeps it (an anti-join; DuckDB's file
+        lock makes this the only writer), and a pair repeated in the batch is added once,
+        so a retried batch never duplicates.
         """
         columns = ", ".join(SCORE_VALUES)
         batch = frame.loc[:, ["pair_id", *SCORE_VALUES]]
+        version = tokenization_version or tokenization.current_version()
         with self.transaction() as con:
             con.register("batch", batch)
+            con.execute("DELETE FROM scores WHERE model_key = ? AND tokenization_version IS DISTINCT FROM ? "
+                        "AND pair_id IN (SELECT pair_id FROM batch)", [model_key, version])
             added = con.execute(
-                f"INSERT INTO scores (pair_id, model_key, {columns}, run_id) "
-                f"SELECT DISTINCT ON (pair_id) pair_id, ?, {columns}, ? FROM batch b WHERE NOT EXISTS "
+                f"INSERT INTO scores (pair_id, model_key, {columns}, run_id, tokenization_version) "
+                f"SELECT DISTINCT ON (pair_id) pair_id, ?, {columns}, ?, ? FROM batch b WHERE NOT EXISTS "
                 "(SELECT 1 FROM scores s WHERE s.pair_id = b.pair_id AND s.model_key = ?)",
-                [model_key, run_id, model_key],
+                [model_key, run_id, version, model_key],
             ).fetchall()[0][0]
             con.execute("UPDATE score_runs SET n_scored = n_scored + ? WHERE run_id = ?", [added, run_id])
         return added
@@ -378,26 +402,48 @@ class Store:
                 [status, *counts.values(), run_id],
             )
 
-    def scores(self, name: str, version: int | None = None, model_key: str | None = None) -> pd.DataFrame:
-        """Scores of a dataset version joined with its pairs, in row order.
+    def scores(self, name: str, version: int | None = None, model_key: str | None = None,
+               tokenization_version: str | None = None) -> pd.DataFrame:
+        """Scores of a dataset version joined with its pairs, in row order, all of one tokenization version.
 
         Columns: SCORE_COLUMNS, then `prompt` (a string, or the message list of a
         conversational prompt), `chosen`, `rejected`, `format`, `metadata` (dict).
-        Without `model_key`, the one model that scored the version is used.
+        Without `model_key`, the one model that scored the version is used. Without
+        `tokenization_version`, the one in effect, or else the other current one (a version
+        scored only with `--no-chat-template`, say); scores of older versions are never read.
         """
         dv = self.dataset_version(name, version)
         model_key = self.scoring_model(dv.name, dv.version, model_key)
+        if tokenization_version is None:
+            found = self.tokenization_versions(dv.name, dv.version, model_key)
+            tokenization_version = next((v for v in _current_versions() if v in found), _current_versions()[0])
         score_cols = ", ".join(f"s.{c}" for c in SCORE_VALUES)
         with self.connect(read_only=True) as con:
             frame = con.execute(
                 f'SELECT dp."row", dp.pair_id, {score_cols}, p.prompt, p.prompt_messages, p.chosen, p.rejected, '
-                "p.format, p.metadata FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ? "
-                'JOIN pairs p ON p.pair_id = dp.pair_id WHERE dp.name = ? AND dp.version = ? ORDER BY dp."row"',
-                [model_key, dv.name, dv.version],
+                "p.format, p.metadata FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id "
+                "AND s.model_key = ? AND s.tokenization_version = ? JOIN pairs p ON p.pair_id = dp.pair_id "
+                'WHERE dp.name = ? AND dp.version = ? ORDER BY dp."row"',
+                [model_key, tokenization_version, dv.name, dv.version],
             ).df()
         frame["prompt"] = [json.loads(m) if isinstance(m, str) else p for p, m in zip(frame.prompt, frame.prompt_messages)]
         frame["metadata"] = [json.loads(m) if isinstance(m, str) else {} for m in frame.metadata]
         return frame.drop(columns="prompt_messages")
+
+    def tokenization_versions(self, name: str, version: int, model_key: str,
+                              selection_id: int | None = None) -> dict[str, int]:
+        """How many distinct pairs of the version (kept by `selection_id`, if given) `model_key` scored, by version.
+
+        Keys are `tokenization_version`s (`None` for a row written outside the store's methods).
+        """
+        kept = ("AND EXISTS (SELECT 1 FROM selections sel WHERE sel.selection_id = ? AND sel.pair_id = dp.pair_id "
+                "AND sel.kept)") if selection_id is not None else "AND ? IS NULL"
+        counts = self.sql(
+            "SELECT s.tokenization_version AS v, count(DISTINCT s.pair_id) AS n FROM dataset_pairs dp JOIN scores s "
+            f"ON s.pair_id = dp.pair_id AND s.model_key = ? WHERE dp.name = ? AND dp.version = ? {kept} GROUP BY 1",
+            params=[model_key, name, version, selection_id],
+        )
+        return {v: int(n) for v, n in counts.itertuples(index=False)}
 
     def scoring_models(self, name: str, version: int) -> list[str]:
         """Keys of the models with scores for pairs of a dataset version, sorted."""

@@ -105,30 +105,35 @@ def _quantiles(column: str) -> str:
     )
 
 
-VIEWS = Migration(
-    3,
-    "views latest_scores and score_summary",
-    (
-        """CREATE VIEW latest_scores AS
+def _score_views(columns: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The views `latest_scores` and `score_summary`, with `columns` of `scores` after `model_key` (and grouped by).
+
+    Migration 3 created them; migration 5 replaces them, with `tokenization_version`.
+    """
+    inner, outer = "".join(f"s.{c}, " for c in columns), "".join(f"{c}, " for c in columns)
+    return (
+        f"""CREATE OR REPLACE VIEW latest_scores AS
             WITH latest AS (SELECT name, max(version) AS version FROM datasets GROUP BY name)
             SELECT dp.name AS dataset_name, dp.version AS dataset_version, dp."row", s.pair_id, s.model_key,
-                   s.ches, s.ln_ches, s.chosen_tokens, s.rejected_tokens, s.last_hidden_ip, s.edit_distance,
+                   {inner}s.ches, s.ln_ches, s.chosen_tokens, s.rejected_tokens, s.last_hidden_ip, s.edit_distance,
                    s.truncated, s.run_id, s.scored_at
             FROM latest JOIN dataset_pairs dp USING (name, version) JOIN scores s ON s.pair_id = dp.pair_id""",
-        f"""CREATE VIEW score_summary AS
-            SELECT dataset_name, dataset_version, model_key, n_scored,
+        f"""CREATE OR REPLACE VIEW score_summary AS
+            SELECT dataset_name, dataset_version, model_key, {outer}n_scored,
                    ches_mean, ches_min, {_quantiles("ches")}, ches_max,
                    ln_ches_mean, ln_ches_min, {_quantiles("ln_ches")}, ln_ches_max
             FROM (
-                SELECT dp.name AS dataset_name, dp.version AS dataset_version, s.model_key, count(*) AS n_scored,
+                SELECT dp.name AS dataset_name, dp.version AS dataset_version, s.model_key, {inner}count(*) AS n_scored,
                        avg(s.ches) AS ches_mean, min(s.ches) AS ches_min, max(s.ches) AS ches_max,
                        quantile_cont(s.ches, [0.05, 0.25, 0.5, 0.75, 0.95]) AS ches_q,
                        avg(s.ln_ches) AS ln_ches_mean, min(s.ln_ches) AS ln_ches_min, max(s.ln_ches) AS ln_ches_max,
                        quantile_cont(s.ln_ches, [0.05, 0.25, 0.5, 0.75, 0.95]) AS ln_ches_q
                 FROM dataset_pairs dp JOIN scores s ON s.pair_id = dp.pair_id
-                GROUP BY dp.name, dp.version, s.model_key)""",
-    ),
-)
+                GROUP BY {inner}dp.name, dp.version, s.model_key)""",
+    )
+
+
+VIEWS = Migration(3, "views latest_scores and score_summary", _score_views())
 
 
 def _rebuild(table: str, create: str) -> tuple[str, ...]:
@@ -157,6 +162,25 @@ UNINDEXED_PAIRS_AND_SCORES = Migration(
     ),
 )
 
+# Which tokenization a score was computed under (`ches_curate.tokenization.current_version`): `2` is
+# TRL's DPO tokenization, `2-raw` the same without the chat template, and the rows scored before this
+# migration get `1` (the response tokenized alone + EOS, which DPO does not train on). A column, not a
+# model key of its own: the model key names the weights, and `models`, selections and ablations join
+# on it. The store keeps one score per (pair_id, model_key): scoring under another version replaces
+# the row (`Store.write_scores`), so no reader ever sees two scores of one pair and model, and the
+# readers of a version (`unscored_pairs`, `score_counts`, `scores`) treat every other version as
+# unscored: old scores are re-scored, never mixed with new ones. A row written outside the store's
+# methods gets NULL, which no version reads either.
+TOKENIZATION_VERSION_OF_SCORES = Migration(
+    5,
+    "scores.tokenization_version (existing scores: 1); the score views show and group by it",
+    (
+        "ALTER TABLE scores ADD COLUMN tokenization_version VARCHAR DEFAULT '1'",
+        "ALTER TABLE scores ALTER COLUMN tokenization_version DROP DEFAULT",
+        *_score_views(("tokenization_version",)),
+    ),
+)
+
 # Selections made before this migration get the source `unknown`, except the ablation arms (which an
 # `ablations` row names): `report` and `selections` take the latest selection that is not an arm.
 SELECTION_SOURCE_AND_TRAIN_RUNS = Migration(
@@ -177,7 +201,9 @@ SELECTION_SOURCE_AND_TRAIN_RUNS = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS)
+MIGRATIONS: tuple[Migration, ...] = (
+    CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, TOKENIZATION_VERSION_OF_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS,
+)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 
@@ -191,11 +217,22 @@ def current_version(con) -> int:
     return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
 
 
+def applied_versions(con) -> set[int]:
+    """The migrations recorded in `schema_version`.
+
+    Not always 1..N: migration 6 landed before 5, so a store made in between has 6 and
+    gets 5 on its next open (they touch different tables).
+    """
+    if not current_version(con):
+        return set()
+    return {row[0] for row in con.execute("SELECT version FROM schema_version").fetchall()}
+
+
 def apply(con, up_to: int = LATEST_VERSION) -> list[int]:
     """Apply the pending migrations up to `up_to` (each in its own transaction); returns the versions applied."""
     applied = []
     for migration in MIGRATIONS:
-        if migration.version > up_to or migration.version <= current_version(con):
+        if migration.version > up_to or migration.version in applied_versions(con):
             continue
         con.begin()
         try:
@@ -227,10 +264,10 @@ def ensure_latest(path: Path, connect: Callable) -> None:
     if path.exists():
         with connect(read_only=True) as con:
             integrity.check_file_size(con, path)
-            version = current_version(con)
+            version, done = current_version(con), applied_versions(con)
             if version == 0 and (tables := _user_tables(con)):
                 raise integrity.foreign_database_error(path, tables)
-        if version == LATEST_VERSION:
+        if done.issuperset(m.version for m in MIGRATIONS) and version == LATEST_VERSION:
             return
         if version > LATEST_VERSION:
             raise ChesCurateError(
