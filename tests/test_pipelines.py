@@ -165,8 +165,9 @@ def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, 
 
     prompts = {pair_id(r): r["prompt"] for r in toy_records(0, N_FIRST)}
     curated = output(first, "export_curated", "curated_pairs")
-    assert isinstance(curated, pd.DataFrame) and list(curated.columns) == ["prompt", "chosen", "rejected"]
-    assert set(curated.prompt) == {prompts[p] for p in kept_ids}
+    assert isinstance(curated, pd.DataFrame) and list(curated.columns) == [
+        "prompt", "chosen", "rejected", "ches_model_key", "ches_tokenization_version"]
+    assert {messages[0]["content"] for messages in curated.prompt} == {prompts[p] for p in kept_ids}  # conversational
     path = Path(output(first, "export_curated", "curated_path"))
     assert path == pipeline_dir / "out" / "toy_v1.parquet" and len(pd.read_parquet(path)) == 9
     report = output(first, "curation_report", "curation_report")

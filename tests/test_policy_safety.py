@@ -215,8 +215,10 @@ def test_repeated_pairs_are_decided_once_and_export_writes_exactly_the_kept_ones
             "(9,997 duplicates)") in result.output
     assert result.output.count("answer to highest") == 1 and "common" not in result.output
     export_dataset(store, tmp_path / "out.jsonl", selection_id=1)
-    assert read_jsonl(tmp_path / "out.jsonl") == [
-        {"prompt": p, "chosen": f"answer to {p}", "rejected": f"refusal of {p}"} for p in ("common", "middle")]
+    assert read_jsonl(tmp_path / "out.jsonl") == [  # scored through the chat template: conversational rows
+        {"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": f"answer to {p}"}],
+         "rejected": [{"role": "assistant", "content": f"refusal of {p}"}], "ches_model_key": MODEL_KEY,
+         "ches_tokenization_version": "2"} for p in ("common", "middle")]
 
 
 def test_without_repeats_the_summary_counts_pairs_only(sixty):

@@ -118,11 +118,26 @@ def test_sql_errors_show_duckdbs_message(db):
     assert "no store at" in str(missing.exception) and not (db.parent / "typo.duckdb").exists()
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
-def test_export_round_trips_pair_ids(db, tmp_path, suffix):
+def read_export(out) -> list[dict]:
+    if out.is_dir():
+        import datasets
+
+        return datasets.load_from_disk(str(out)).to_list()
+    return [json.loads(line) for line in out.open()] if out.suffix == ".jsonl" else pq.read_table(out).to_pylist()
+
+
+@pytest.mark.parametrize("template", [[], ["--no-chat-template"]], ids=["conversational", "standard"])
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet", "datasets"])
+def test_export_round_trips_pair_ids(db, tmp_path, suffix, template):
     out = tmp_path / f"toy.{suffix}"
-    result = invoke("export", "--dataset", "toy", "--output", out, "--db", db)
-    assert result.exit_code == 0 and "wrote 6 pairs (standard TRL format)" in result.output
+    fmt = ["--format", "datasets"] if suffix == "datasets" else []
+    result = invoke("export", "--dataset", "toy", "--output", out, "--db", db, *fmt, *template)
+    style, version = ("standard", "2-raw") if template else ("conversational", "2")
+    assert result.exit_code == 0 and f"wrote 6 pairs ({style} TRL format, tokenization {version})" in result.output
+    first = read_export(out)[0]
+    prompt = "p0" if template else [{"role": "user", "content": "p0"}]
+    assert first == {"prompt": prompt, "chosen": first["chosen"], "rejected": first["rejected"],
+                     "ches_model_key": None, "ches_tokenization_version": version}
     store = Store(db)
     original = [p.pair_id for p in store.dataset_pairs("toy")]
     assert [p.pair_id for p in read_pairs(out)] == original
@@ -140,13 +155,13 @@ def test_export_of_a_selection_writes_only_kept_pairs_conversationally(tmp_path,
     selection = store.save_selection("top", {}, "chat", 1, None, decisions, None)
     out = tmp_path / f"curated.{suffix}"
     result = invoke("export", "--selection", selection, "--output", out, "--db", store.path)
-    assert result.exit_code == 0 and "wrote 3 pairs (conversational TRL format)" in result.output
+    assert result.exit_code == 0 and "wrote 3 pairs (conversational TRL format, tokenization 2)" in result.output
 
-    records = [json.loads(line) for line in out.open()] if suffix == "jsonl" else pq.read_table(out).to_pylist()
-    assert records[0] == {
+    assert read_export(out)[0] == {
         "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "question 0"}],
         "chosen": [{"role": "assistant", "content": "answer 0"}],
         "rejected": [{"role": "assistant", "content": "refusal 0"}],
+        "ches_model_key": None, "ches_tokenization_version": "2",
     }
     assert [p.pair_id for p in read_pairs(out)] == [pairs[i].pair_id for i in (0, 2, 3)]
 
@@ -160,6 +175,84 @@ def test_export_rejects_unknown_suffix_and_mismatched_dataset(db, tmp_path):
                                      None)
     clash = invoke("export", "--selection", selection, "--dataset", "other", "--output", tmp_path / "x.jsonl", "--db", db)
     assert "selection 1 was made on dataset 'toy' v1" in str(clash.exception)
+
+
+def scored_selection(store: Store, pairs: list[PreferencePair], version: str) -> int:
+    """A selection keeping every pair, over scores of model `m` recorded under tokenization `version`."""
+    store.register_dataset("toy", None, pairs)
+    scores = pd.DataFrame({"row": [p.row for p in pairs], "pair_id": [p.pair_id for p in pairs], "ches": 0.0,
+                           "ln_ches": 0.0, "chosen_tokens": 1, "rejected_tokens": 1, "last_hidden_ip": 0.0,
+                           "edit_distance": 0.0, "truncated": False})
+    store.write_scores(store.start_score_run("toy", 1, "m"), "m", scores, tokenization_version=version)
+    kept = pd.DataFrame({"pair_id": [p.pair_id for p in pairs], "kept": True, "rank": range(1, len(pairs) + 1)})
+    return store.save_selection("all", {}, "toy", 1, "m", kept, "ches")
+
+
+def test_export_follows_the_tokenization_the_selection_was_scored_with(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    selection = scored_selection(store, [PreferencePair(f"q{i}", f"a{i}", f"b{i}", row=i) for i in range(3)], "2-raw")
+    out = tmp_path / "out.jsonl"
+    result = invoke("export", "--selection", selection, "--output", out, "--db", store.path)
+    assert result.exit_code == 0 and "3 pairs (standard TRL format, tokenization 2-raw)" in result.output
+    assert read_export(out)[0] == {"prompt": "q0", "chosen": "a0", "rejected": "b0", "ches_model_key": "m",
+                                   "ches_tokenization_version": "2-raw"}
+    clash = invoke("export", "--selection", selection, "--chat-template", "--output", out, "--db", store.path)
+    assert str(clash.exception) == (f"selection {selection} was scored under tokenization 2-raw, not 2: export with "
+                                    "--no-chat-template, or re-score with the tokenization you want and filter again")
+
+
+def test_export_refuses_scores_of_an_older_tokenization(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    selection = scored_selection(store, [PreferencePair("q", "a", "b")], "1")
+    result = invoke("export", "--selection", selection, "--output", tmp_path / "out.jsonl", "--db", store.path)
+    assert str(result.exception) == (
+        f"selection {selection}: model 'm' scored 1 pair under tokenization 1; an export needs them all under one of "
+        "2, 2-raw (what TRL trains on): re-score with `ches-curate score --dataset toy` (add --no-chat-template for "
+        "2-raw), then filter again")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_export_keeps_extra_columns_but_those_trl_reads(tmp_path):
+    source = tmp_path / "uf.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "b"}],
+             "score_chosen": [8, 7.5][i], "score_rejected": 2, "messages": [{"role": "user", "content": "x"}]}
+            for i in range(2)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp_path / "s.duckdb"
+    assert invoke("ingest", source, "--dataset", "uf", "--db", db).exit_code == 0
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"uf.{suffix}"
+        result = invoke("export", "--dataset", "uf", "--output", out, "--db", db)
+        assert "left out the columns messages: TRL reads them" in result.output
+        records = read_export(out)
+        assert [(r["score_chosen"], r["score_rejected"]) for r in records] == [(8, 2), (7.5, 2)]
+        assert "messages" not in records[0] and records[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+    bare = invoke("export", "--dataset", "uf", "--output", tmp_path / "bare.jsonl", "--no-extra-columns", "--db", db)
+    assert bare.exit_code == 0 and "left out" not in bare.output
+    assert set(read_export(tmp_path / "bare.jsonl")[0]) == {"prompt", "chosen", "rejected", "ches_model_key",
+                                                            "ches_tokenization_version"}
+
+
+def test_standard_export_of_a_multi_message_prompt_names_the_row(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    store.register_dataset("chat", None, chat_pairs(2))
+    result = invoke("export", "--dataset", "chat", "--no-chat-template", "--output", tmp_path / "o.jsonl",
+                    "--db", store.path)
+    assert str(result.exception).startswith("row 0 (pair ")
+    assert str(result.exception).endswith("the prompt is a conversation of 2 messages, which TRL tokenizes only "
+                                          "through a chat template (use a model that has one, without "
+                                          "--no-chat-template)")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_datasets_export_replaces_an_earlier_one_whole(db, tmp_path):
+    out = tmp_path / "toy_ds"
+    for _ in range(2):
+        assert invoke("export", "--dataset", "toy", "--format", "datasets", "-o", out, "--db", db).exit_code == 0
+    assert len(read_export(out)) == 6 and sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "s.duckdb", "toy_ds"]
+    clash = invoke("export", "--dataset", "toy", "--format", "datasets", "-o", tmp_path / "pairs.jsonl", "--db", db)
+    assert "is a file; a datasets export is a directory" in str(clash.exception)
 
 
 REAL_CLI = """

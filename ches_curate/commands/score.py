@@ -42,6 +42,7 @@ def print_summary(summary: dict, title: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def score(
+        ctx: typer.Context,
         input: Optional[str] = typer.Argument(None, help="Preference file (JSONL, Parquet, CSV), HF datasets dir or hub id."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the score table here (.parquet)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Score a stored dataset incrementally instead of a file."),
@@ -57,6 +58,7 @@ def register(app: typer.Typer) -> None:
         on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it and go on."),
         share_prompt: bool = typer.Option(True, "--share-prompt/--no-share-prompt", help="Reuse the prompt's KV cache for both responses."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
+        no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Tokenize plain prompts as text (TRL's standard format), not through the chat template; recorded with the scores, so export writes standard rows."),
         shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Score in N shards by pair_id hash (part files, then merge); under torchrun N defaults to WORLD_SIZE."),
         rank: Optional[list[int]] = typer.Option(None, "--rank", help="With --shards: score only this shard (repeatable), e.g. one whose process crashed."),
         work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="With --shards: folder for the part files (default OUT.shards/ beside --output)."),
@@ -70,6 +72,9 @@ def register(app: typer.Typer) -> None:
         parts are merged into the same table; a crashed shard is re-run alone with --rank.
         """
         config = scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt, trust_remote_code)
+        from ches_curate.tokenization import use_chat_template
+
+        ctx.with_resource(use_chat_template(not no_chat_template))  # read by the scorer and the store, until we return
         from ches_curate.distributed import launch_from_env
 
         if shards is not None or rank or launch_from_env() is not None:

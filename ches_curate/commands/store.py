@@ -104,25 +104,46 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def export(
-        output: Path = typer.Option(..., "--output", "-o", help="Output file: .jsonl or .parquet."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output: a .jsonl or .parquet file, or a directory "
+                                    "with --format datasets."),
         dataset: options.OptionalDataset = None,
         version: options.Version = None,
         selection: Optional[int] = typer.Option(
             None, "--selection", "-s", help="Selection id from `ches-curate filter`: export only the pairs it kept "
             "(implies --dataset and --version)."
         ),
+        format: Optional[str] = typer.Option(
+            None, "--format", help="jsonl, parquet or datasets (a `save_to_disk` directory); default: from the suffix."
+        ),
+        chat_template: Optional[bool] = typer.Option(
+            None, "--chat-template/--no-chat-template", help="Write plain prompts as conversations (TRL applies the "
+            "chat template) or as text; default: as the pairs were scored (with the template when unscored)."
+        ),
+        model_key: options.ModelKey = None,
+        extra_columns: bool = typer.Option(
+            True, "--extra-columns/--no-extra-columns", help="Keep the input's other columns (e.g. score_chosen)."
+        ),
         db: options.Db = None,
     ) -> None:
-        """Write a training-ready dataset in TRL's preference format (prompt, chosen, rejected)."""
+        """Write the kept pairs as TRL trains on them, tokenized as they were scored (prompt, chosen, rejected).
+
+        Pairs scored through the chat template become conversational rows, pairs scored with
+        --no-chat-template plain rows; every row records ches_model_key and ches_tokenization_version.
+        """
         from ches_curate.export import export_dataset
 
-        result = export_dataset(_store(db), output, dataset=dataset, version=version, selection_id=selection)
+        result = export_dataset(_store(db), output, dataset=dataset, version=version, selection_id=selection,
+                                format=format, chat_template=chat_template, model_key=model_key,
+                                extra_columns=extra_columns)
         style = "conversational" if result.conversational else "standard"
         what = f"selection {result.selection_id} of " if result.selection_id is not None else ""
         console.print(
-            f"wrote {result.n_pairs:,} pairs ({style} TRL format) from {what}{escape(result.dataset_name)} "
-            f"v{result.dataset_version} to [bold]{escape(str(result.path))}[/]"
+            f"wrote {result.n_pairs:,} pairs ({style} TRL format, tokenization {result.tokenization_version}) from "
+            f"{what}{escape(result.dataset_name)} v{result.dataset_version} to [bold]{escape(str(result.path))}[/]"
         )
+        if result.left_out_columns:
+            console.print(f"left out the columns {escape(', '.join(result.left_out_columns))}: TRL reads them, and "
+                          "they would change the tokens it trains on")
 
 
 def _sql_format(format: str | None, output: Path | None) -> str:
