@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -28,6 +29,9 @@ from ches_curate.pipeline_config import (
 from ches_curate.policies import get_policy, validate_params
 from ches_curate.score_file import summarize_scores
 from ches_curate.store import DatasetVersion, Store
+
+if TYPE_CHECKING:
+    from ches_curate.incremental import ScoreRunSummary
 
 
 def load_plugins(plugins: list[str]) -> None:
@@ -87,6 +91,32 @@ def quality_metadata(report: Any) -> dict[str, Any]:
             "failed_warnings": {r.name: r.unexpected_count for r in failed if r.severity == "warn"},
         }
     return summary
+
+
+def score_version(store: Store, name: str, version: int, scoring: ScoringSpec,
+                  zenml_run_id: str | None = None) -> ScoreRunSummary:
+    """Score the pairs of a stored version that have no score for the model yet (`incremental.score_dataset`).
+
+    When every pair has one (a refresh of unchanged data), the model is not loaded: its key
+    comes from its files (`models.model_key_without_loading`), and the run is recorded as
+    scoring 0 pairs and skipping all of them. Returns the `ScoreRunSummary`.
+    """
+    from ches_curate.incremental import ScoreRunSummary, score_dataset
+    from ches_curate.models import model_key_without_loading
+
+    started = time.perf_counter()
+    config = scoring.scoring_config()
+    model_key = model_key_without_loading(scoring.model, scoring.dtype, config.trust_remote_code)
+    if model_key is not None:
+        n_pairs, n_scored = store.score_counts(name, version, model_key)
+        if n_scored == n_pairs:
+            params = dataclasses.asdict(config) | {"model_loaded": False}
+            run_id = store.start_score_run(name, version, model_key, params, zenml_run_id, n_skipped=n_pairs)
+            store.finish_score_run(run_id, "finished", n_failed=0)
+            return ScoreRunSummary(run_id, name, version, model_key, "finished", n_pairs, 0, n_pairs, 0,
+                                   time.perf_counter() - started)
+    return score_dataset(store, name, scoring.model, config, version=version, zenml_run_id=zenml_run_id,
+                         progress=False)
 
 
 def score_table(store: Store, name: str, version: int, model_key: str) -> pd.DataFrame:

@@ -82,12 +82,16 @@ def _missing_device(device) -> str | None:
     return None
 
 
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ChesCurateError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
 def _torch_dtype(dtype: str):
     import torch
 
-    if dtype not in DTYPES:
-        raise ChesCurateError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
+    return getattr(torch, _check_dtype(dtype))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -261,6 +265,31 @@ def load_model(
         revision, file_hash = None, _weights_hash(location)
     else:
         revision, file_hash = getattr(model.config, "_commit_hash", None), None
-    fingerprint = (file_hash or revision or "unversioned")[:12]
     info = {"name": name, "path": str(location), "revision": revision, "file_hash": file_hash, "dtype": dtype}
-    return LoadedModel(model, tokenizer, device, key=f"{name}@{fingerprint}/{dtype}", info=info)
+    return LoadedModel(model, tokenizer, device, key=_model_key(name, file_hash or revision, dtype), info=info)
+
+
+def _model_key(name: str, fingerprint: str | None, dtype: str) -> str:
+    """`name@<first 12 hex digits of the weights' hash or hub revision>/dtype`: how scores name their model."""
+    return f"{name}@{(fingerprint or 'unversioned')[:12]}/{dtype}"
+
+
+def model_key_without_loading(spec: str = "default", dtype: str = "float32",
+                               trust_remote_code: bool = False) -> str | None:
+    """The key `load_model(spec, dtype=dtype).key` would be, found without loading the model; None if unknown.
+
+    A local model (or a converted GGUF) is keyed by its weights' hash, which this reads or
+    computes from the files (no model is built); a hub id by the revision its config resolves
+    to. None when that config cannot be read here: only loading can tell then (and report why).
+    """
+    _check_dtype(dtype)
+    name, location, _ = resolve_model_dir(spec)
+    if isinstance(location, Path):
+        return _model_key(name, _weights_hash(location), dtype)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception:  # not found, offline, custom code refused, ...: loading will say which, in its own words
+        return None
+    return _model_key(name, getattr(config, "_commit_hash", None), dtype)

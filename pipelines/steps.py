@@ -22,7 +22,6 @@ from zenml.types import HTMLString
 from ches_curate import curation, refresh
 from ches_curate.report import build_report
 from ches_curate.selection import select
-from ches_curate.incremental import score_dataset
 from ches_curate.pipeline_config import AblationSpec, DatasetSpec, PolicySpec, ScoringSpec
 from ches_curate.store import Store
 
@@ -63,11 +62,11 @@ def validate_pairs(store: str, dataset_version: dict, quality: str | None = None
 def score_pairs(store: str, dataset_version: dict, scoring: ScoringSpec) -> tuple[
     Annotated[dict, "score_run"], Annotated[pd.DataFrame, "scores"]
 ]:
-    """CHES-score the pairs with no score for this model yet; the `score_runs` row carries this ZenML run id."""
+    """CHES-score the pairs with no score for this model yet (the model is not loaded if there are none); the
+    `score_runs` row carries this ZenML run id."""
     db = Store(store)
-    summary = score_dataset(db, dataset_version["name"], scoring.model, scoring.scoring_config(),
-                            version=dataset_version["version"],
-                            zenml_run_id=str(get_step_context().pipeline_run.id), progress=False)
+    summary = curation.score_version(db, dataset_version["name"], dataset_version["version"], scoring,
+                                     zenml_run_id=str(get_step_context().pipeline_run.id))
     scores = curation.score_table(db, summary.dataset_name, summary.dataset_version, summary.model_key)
     metadata = curation.score_metadata(summary, scores)
     record("scoring", metadata)

@@ -11,6 +11,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ches_curate import schedule
 from ches_curate.commands import pipelines as pipeline_commands
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import PreferencePair
-from ches_curate.pipeline_config import PipelineConfig, PolicySpec
+from ches_curate.pipeline_config import PipelineConfig, PolicySpec, ScoringSpec
 from ches_curate.curation import validate
 from ches_curate.refresh import diff_selections, reselect
 from ches_curate.store import Store
@@ -98,9 +99,28 @@ def pipeline_dir(session_tmp, tiny_llama_dir) -> Path:
     return directory
 
 
+@contextmanager
+def model_loads() -> Iterator[list[str]]:
+    """The model specs `load_model` is called with meanwhile (it still loads them)."""
+    from ches_curate import models, scoring
+
+    calls: list[str] = []
+    load = models.load_model
+
+    def counting(spec: str = "default", *args, **kwargs):
+        calls.append(spec)
+        return load(spec, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "load_model", counting)
+        patch.setattr(scoring, "load_model", counting)
+        yield calls
+
+
 @pytest.fixture(scope="session")
 def curation_runs(zenml_repo, pipeline_dir):
-    """The curation pipeline twice on unchanged data: first through the CLI, then through the Python API."""
+    """The curation pipeline twice on unchanged data: first through the CLI, then through the Python API; and the
+    models the second run loaded."""
     from zenml.client import Client
 
     from pipelines import run_pipeline
@@ -108,8 +128,15 @@ def curation_runs(zenml_repo, pipeline_dir):
     result = CliRunner().invoke(cli(), ["run", "curation", "--config", str(pipeline_dir / "config.yaml")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     first = Client().get_pipeline("curation_pipeline").last_run
-    second = run_pipeline("curation", PipelineConfig.from_file(pipeline_dir / "config.yaml"))
-    return first, second, result.output
+    with model_loads() as loaded:
+        second = run_pipeline("curation", PipelineConfig.from_file(pipeline_dir / "config.yaml"))
+    return first, second, result.output, loaded
+
+
+def refresh_config(pipeline_dir: Path) -> PipelineConfig:
+    config = PipelineConfig.from_file(pipeline_dir / "config.yaml")
+    return config.model_copy(update={"dataset": config.dataset.model_copy(
+        update={"source": str(pipeline_dir / "pairs_v2.jsonl")})})
 
 
 @pytest.fixture(scope="session")
@@ -119,10 +146,17 @@ def refresh_run(curation_runs, pipeline_dir):
 
     records = toy_records(1, N_FIRST - 1 + 4)
     write_jsonl(pipeline_dir / "pairs_v2.jsonl", records)
-    config = PipelineConfig.from_file(pipeline_dir / "config.yaml")
-    config = config.model_copy(update={"dataset": config.dataset.model_copy(
-        update={"source": str(pipeline_dir / "pairs_v2.jsonl")})})
-    return run_pipeline("refresh", config)
+    return run_pipeline("refresh", refresh_config(pipeline_dir))
+
+
+@pytest.fixture(scope="session")
+def unchanged_refresh_run(refresh_run, pipeline_dir):
+    """The refresh pipeline again on the same source, and the models it loaded."""
+    from pipelines import run_pipeline
+
+    with model_loads() as loaded:
+        run = run_pipeline("refresh", refresh_config(pipeline_dir))
+    return run, loaded
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +185,7 @@ def output(run, step: str, name: str):
 
 @pytest.mark.slow
 def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, pipeline_dir):
-    first, _, printed = curation_runs
+    first, _, printed, _ = curation_runs
     store = Store(pipeline_dir / "store.duckdb")
     version = output(first, "ingest_dataset", "dataset_version")
     assert (version["version"], version["n_pairs"], version["n_quarantined"]) == (1, N_FIRST, 1)
@@ -189,11 +223,13 @@ def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, 
 
 @pytest.mark.slow
 def test_second_curation_run_on_unchanged_data_scores_nothing_new(curation_runs, pipeline_dir):
-    first, second, _ = curation_runs
+    first, second, _, loaded = curation_runs
     store = Store(pipeline_dir / "store.duckdb")
-    runs = store.sql("SELECT zenml_run_id, n_scored, n_skipped FROM score_runs WHERE zenml_run_id = ?",
+    runs = store.sql("SELECT zenml_run_id, n_scored, n_skipped, model_key FROM score_runs WHERE zenml_run_id = ?",
                      params=[str(second.id)])
     assert (runs.n_scored.tolist(), runs.n_skipped.tolist()) == ([0], [N_FIRST])
+    assert loaded == [] and runs.model_key.iloc[0] == output(first, "score_pairs", "score_run")["model_key"]
+
     assert output(second, "ingest_dataset", "dataset_version")["created"] is False
     assert store.sql("SELECT count(*) AS n FROM datasets").n.iloc[0] == 1
     assert second.model_version.number == first.model_version.number + 1
@@ -202,7 +238,7 @@ def test_second_curation_run_on_unchanged_data_scores_nothing_new(curation_runs,
 
 @pytest.mark.slow
 def test_refresh_scores_only_new_pairs_and_records_the_selection_diff(refresh_run, curation_runs, pipeline_dir):
-    _, second, _ = curation_runs
+    _, second, _, _ = curation_runs
     store = Store(pipeline_dir / "store.duckdb")
     assert output(refresh_run, "ingest_dataset", "dataset_version")["version"] == 2
     scored = store.sql("SELECT n_scored, n_skipped FROM score_runs WHERE zenml_run_id = ?", params=[str(refresh_run.id)])
@@ -222,6 +258,23 @@ def test_refresh_scores_only_new_pairs_and_records_the_selection_diff(refresh_ru
     summary = output(refresh_run, "reselect_pairs", "selection_summary")
     assert summary["previous_selection_id"] == output(second, "select_pairs", "selection_summary")["selection_id"]
     assert summary["diff_unchanged"] == N_FIRST - 1 - sum(c.startswith("now_") for c in expected.values())
+
+
+@pytest.mark.slow
+def test_refresh_of_unchanged_source_loads_no_model_and_scores_nothing(unchanged_refresh_run, refresh_run,
+                                                                       pipeline_dir):
+    run, loaded = unchanged_refresh_run
+    assert loaded == []
+    scored = Store(pipeline_dir / "store.duckdb").sql(
+        "SELECT n_scored, n_skipped, status, params->>'model_loaded' AS model_loaded FROM score_runs "
+        "WHERE zenml_run_id = ?", params=[str(run.id)])
+    assert scored.to_dict("records") == [
+        {"n_scored": 0, "n_skipped": N_FIRST - 1 + 4, "status": "finished", "model_loaded": "false"}]
+    assert output(run, "ingest_dataset", "dataset_version")["created"] is False
+    summary = output(run, "reselect_pairs", "selection_summary")
+    assert summary["selection_id"] == output(refresh_run, "reselect_pairs", "selection_summary")["selection_id"]
+    assert output(run, "reselect_pairs", "selection_diff").empty
+    assert output(run, "score_pairs", "scores").equals(output(refresh_run, "score_pairs", "scores"))
 
 
 @pytest.mark.slow
@@ -277,6 +330,35 @@ def test_refresh_of_unchanged_version_reuses_its_selection_and_validates_once(tm
     assert validate(store, "toy", 1, "pairs", skip_if_passed=True)["pairs"]["n_rows"] == 6
     assert "already passed" in validate(store, "toy", 1, "pairs", skip_if_passed=True)["skipped"]
     assert validate(store, "toy", 1, "pairs")["pairs"]["n_rows"] == 6
+
+
+def test_scoring_a_fully_scored_version_records_a_run_without_loading_the_model(tmp_path, tiny_llama_dir):
+    from ches_curate.curation import score_version
+    from ches_curate.models import model_key_without_loading
+
+    store = Store(tmp_path / "s.duckdb")
+    records = toy_records(0, 5)
+    store.register_dataset("toy", None, [PreferencePair(r["prompt"], r["chosen"], r["rejected"], row=i)
+                                         for i, r in enumerate(records[:4])])
+    spec = ScoringSpec(model=str(tiny_llama_dir), batch_size=4, device="cpu")
+    with model_loads() as loaded:
+        first = score_version(store, "toy", 1, spec)
+        again = score_version(store, "toy", 1, spec, zenml_run_id="run-2")
+    assert loaded == [str(tiny_llama_dir)] and (first.n_scored, first.n_skipped) == (4, 0)
+    assert (again.model_key, again.status, again.n_pairs, again.n_scored, again.n_skipped) == (
+        first.model_key, "finished", 4, 0, 4)
+    row = store.sql("SELECT status, n_scored, n_skipped, n_failed, zenml_run_id FROM score_runs WHERE run_id = ?",
+                    params=[again.run_id])
+    assert row.to_dict("records") == [
+        {"status": "finished", "n_scored": 0, "n_skipped": 4, "n_failed": 0, "zenml_run_id": "run-2"}]
+
+    store.register_dataset("toy", None, [PreferencePair(r["prompt"], r["chosen"], r["rejected"], row=i)
+                                         for i, r in enumerate(records)])
+    with model_loads() as loaded:
+        gained = score_version(store, "toy", 2, spec)
+    assert loaded == [str(tiny_llama_dir)] and (gained.n_scored, gained.n_skipped) == (1, 4)
+    assert model_key_without_loading(str(tiny_llama_dir), "bfloat16") == first.model_key.replace("float32", "bfloat16")
+    assert model_key_without_loading("nobody/no-such-model") is None  # offline, not cached: only loading can tell
 
 
 def test_diff_selections_classifies_every_changed_pair(tmp_path):
