@@ -136,12 +136,12 @@ def score_metadata(summary: Any, scores: pd.DataFrame) -> dict[str, Any]:
     return metadata
 
 
-def export_path(template: str, name: str, version: int, selection_id: int) -> Path:
-    """`template` with {dataset}, {version} and {selection_id} filled in."""
+def export_path(template: str, name: str, version: int, selection_id: int, what: str = "export path") -> Path:
+    """`template` with {dataset}, {version} and {selection_id} filled in; an error names it as `what`."""
     try:
         return Path(template.format(dataset=name, version=version, selection_id=selection_id))
     except (KeyError, IndexError) as err:
-        raise ChesCurateError(f"export path {template!r}: unknown placeholder {err}; use {{dataset}}, {{version}}, "
+        raise ChesCurateError(f"{what} {template!r}: unknown placeholder {err}; use {{dataset}}, {{version}}, "
                               "{selection_id}") from err
 
 
@@ -152,6 +152,16 @@ def export_selection(store: Store, selection_id: int, template: str) -> tuple[Ex
     summary = export_dataset(store, path, selection_id=selection_id)
     frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_json(path, lines=True)
     return summary, frame
+
+
+def report_path(curated_path: str | Path, template: str | None, name: str, version: int,
+                selection_id: int) -> Path:
+    """Where a pipeline writes the curation report: `template` filled like the export path, or by default next
+    to the curated file, named for it (`out/toy_v2.parquet` -> `out/toy_v2_report.html`)."""
+    if template is not None:
+        return export_path(template, name, version, selection_id, what="report path")
+    curated = Path(curated_path)
+    return curated.with_name(f"{curated.stem}_report.html")
 
 
 def train_config(spec: AblationSpec) -> TrainConfig:

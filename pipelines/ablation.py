@@ -14,7 +14,8 @@ from typing import Any
 from zenml import pipeline
 
 from ches_curate.pipeline_config import PipelineConfig
-from pipelines.curation import CHES_MODEL, validated_scores
+from pipelines.curation import CHES_MODEL, for_dataset, validated_scores
+from pipelines.runs import step_output
 from pipelines.steps import ablate
 
 
@@ -22,13 +23,14 @@ from pipelines.steps import ablate
 def ablation_pipeline(config: PipelineConfig) -> None:
     """Does removing high-CHES pairs reduce likelihood displacement? One `ablations` row per arm answers."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)
-    ablate(config.store, score_run, config.scoring, config.ablation_policies(), config.ablation, config.plugins,
-           after=scores_quality)
+    [ablate_arms] = for_dataset(config, ablate)
+    ablate_arms(config.store, score_run, config.scoring, config.ablation_policies(), config.ablation, config.plugins,
+                after=scores_quality)
 
 
 def ablation_outcome(run: Any) -> dict[str, Any]:
     """A finished ablation run: its id, store and `ablations` rows (as dicts)."""
-    rows = run.steps["ablate"].outputs["ablation_rows"][0].load()
+    rows = step_output(run, "ablate", "ablation_rows").load()
     config = run.config.parameters["config"]
     return {"run_id": str(run.id), "run_name": run.name, "status": str(run.status.value),
             "store": config["store"] if isinstance(config, dict) else config.store,

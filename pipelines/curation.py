@@ -10,6 +10,7 @@ from zenml import Model, pipeline
 
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
 from pipelines.runner import MODEL_NAME, run_pipeline
+from pipelines.runs import DATASET_PLACEHOLDER, step_output
 from pipelines.steps import (
     curation_report, export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores,
 )
@@ -25,15 +26,25 @@ CHES_MODEL = Model(
 )
 
 
+def for_dataset(config: PipelineConfig, *steps: Any) -> list[Any]:
+    """`steps` naming their artifacts for the config's dataset (`scores_{dataset}` -> `scores_hh_rlhf_harmless`).
+
+    Set on each step, inside the pipeline function, so that a pipeline called directly names them too.
+    """
+    return [s.with_options(substitutions={DATASET_PLACEHOLDER: config.dataset.name}) for s in steps]
+
+
 def validated_scores(config: PipelineConfig, skip_if_passed: bool) -> tuple[Any, Any]:
     """The steps every pipeline starts with: ingest → validate pairs → score → validate scores.
 
     Called inside a pipeline function; returns the `score_run` and `scores_quality` outputs.
     """
-    version = ingest_dataset(config.store, config.dataset)
-    pairs_quality = validate_pairs(config.store, version, config.quality, skip_if_passed=skip_if_passed)
-    score_run, _ = score_pairs(config.store, version, config.scoring, after=pairs_quality)
-    return score_run, validate_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)
+    ingest, check_pairs, score, check_scores = for_dataset(config, ingest_dataset, validate_pairs, score_pairs,
+                                                           validate_scores)
+    version = ingest(config.store, config.dataset)
+    pairs_quality = check_pairs(config.store, version, config.quality, skip_if_passed=skip_if_passed)
+    score_run, _ = score(config.store, version, config.scoring, after=pairs_quality)
+    return score_run, check_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)
 
 
 @pipeline(model=CHES_MODEL, enable_cache=False)
@@ -44,9 +55,10 @@ def curation_pipeline(config: PipelineConfig) -> None:
     scoring is already incremental there.
     """
     score_run, scores_quality = validated_scores(config, skip_if_passed=False)
-    _, selection = select_pairs(config.store, score_run, config.policy, config.plugins, after=scores_quality)
-    export_curated(config.store, selection, config.export)
-    curation_report(config.store, score_run, selection)
+    select, export, report = for_dataset(config, select_pairs, export_curated, curation_report)
+    _, selection = select(config.store, score_run, config.policy, config.plugins, after=scores_quality)
+    _, curated_path = export(config.store, selection, config.export)
+    report(config.store, score_run, selection, curated_path)
 
 
 def demo_config(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, model: str = "default",
@@ -65,9 +77,10 @@ def run_demo(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, 
 
 
 def curation_outcome(run: Any) -> dict[str, Any]:
-    """What a finished curation or refresh run produced: its id, store, dataset version, score run, selection, file."""
-    def output(step: str, name: str) -> Any:
-        return run.steps[step].outputs[name][0].load()
+    """What a finished curation or refresh run produced: its id, store, dataset version, score run, selection,
+    curated file and (curation) report file."""
+    def output(step: str, stem: str) -> Any:
+        return step_output(run, step, stem).load()
 
     config = run.config.parameters["config"]
     select_step = "reselect_pairs" if "reselect_pairs" in run.steps else "select_pairs"
@@ -78,5 +91,6 @@ def curation_outcome(run: Any) -> dict[str, Any]:
         "score_run": output("score_pairs", "score_run"),
         "selection": output(select_step, "selection_summary"),
         "curated_path": output("export_curated", "curated_path"),
+        "report_path": run.run_metadata.get("report", {}).get("report_path"),
         "model_version": run.model_version.name if run.model_version else None,
     }

@@ -1,10 +1,11 @@
 """Thin ZenML steps over the `ches_curate` library: unpack parameters, call the library, return named artifacts.
 
 The DuckDB store is passed by path and opened in each step; artifacts are pandas
-frames (stored as Parquet) and JSON-ready dicts. Each step logs its numbers as one
-metadata entry named for its stage (`ingest`, `pairs_quality`, `scoring`,
-`scores_quality`, `selection`, `export`) on itself, on the pipeline run and on the
-`ches_curate` model version.
+frames (stored as Parquet) and JSON-ready dicts, named for their dataset
+(`scores_{dataset}`, filled in by the pipelines) and tagged with its version
+(`pipelines.runs`). Each step logs its numbers as one metadata entry named for its
+stage (`ingest`, `pairs_quality`, `scoring`, `scores_quality`, `selection`, `export`,
+`report`) on itself, on the pipeline run and on the `ches_curate` model version.
 """
 
 from __future__ import annotations
@@ -13,26 +14,37 @@ import dataclasses
 from typing import Annotated, Any
 
 import pandas as pd
-from zenml import get_step_context, step
+from zenml import ArtifactConfig, add_tags, get_step_context, step
 from zenml.client import Client
 from zenml.enums import MetadataResourceTypes
 from zenml.models import RunMetadataResource
 from zenml.types import HTMLString
+from zenml.utils.string_utils import format_name_template
 
 from ches_curate import curation, refresh
-from ches_curate.report import build_report
+from ches_curate.report import write_report
 from ches_curate.selection import select
 from ches_curate.pipeline_config import AblationSpec, DatasetSpec, PolicySpec, ScoringSpec
 from ches_curate.store import Store
+from pipelines.runs import artifact_template, dataset_tags
 
 
-def record(stage: str, metadata: dict[str, Any]) -> None:
-    """Log `{stage: metadata}` on the running step, its pipeline run and the run's model version.
+def named(stem: str) -> ArtifactConfig:
+    """An output artifact named for the run's dataset, `scores_{dataset}`: one version series per dataset."""
+    return ArtifactConfig(name=artifact_template(stem))
+
+
+def record(stage: str, metadata: dict[str, Any], dataset: str, version: int) -> None:
+    """Log `{stage: metadata}` on the running step, its pipeline run and the run's model version, and tag the
+    step's artifacts with the dataset version (`dataset_tags`).
 
     What `log_metadata` does, in one call: ZenML commits each key separately, so one
     key linked to three resources costs a third of three `log_metadata` calls.
     """
     context = get_step_context()
+    for template in context.step_run.config.outputs:
+        context.add_output_tags(dataset_tags(dataset, version),
+                                format_name_template(template, substitutions=context.step_run.config.substitutions))
     resources = [RunMetadataResource(id=context.step_run.id, type=MetadataResourceTypes.STEP_RUN),
                  RunMetadataResource(id=context.pipeline_run.id, type=MetadataResourceTypes.PIPELINE_RUN)]
     if context.model_version is not None:
@@ -41,26 +53,29 @@ def record(stage: str, metadata: dict[str, Any]) -> None:
 
 
 @step
-def ingest_dataset(store: str, dataset: DatasetSpec) -> Annotated[dict, "dataset_version"]:
-    """Read the source into the store (bad rows quarantined); a new version only if the content changed."""
+def ingest_dataset(store: str, dataset: DatasetSpec) -> Annotated[dict, named("dataset_version")]:
+    """Read the source into the store (bad rows quarantined); a new version only if the content changed.
+
+    The run is tagged with the dataset version, as the artifacts are."""
     version = dataclasses.asdict(curation.ingest_source(Store(store), dataset))
-    record("ingest", {k: v for k, v in version.items() if k != "content_hash"})
+    record("ingest", {k: v for k, v in version.items() if k != "content_hash"}, version["name"], version["version"])
+    add_tags(dataset_tags(version["name"], version["version"]), run=get_step_context().pipeline_run.id)
     return version
 
 
 @step
 def validate_pairs(store: str, dataset_version: dict, quality: str | None = None,
-                   skip_if_passed: bool = False) -> Annotated[dict, "pairs_quality"]:
+                   skip_if_passed: bool = False) -> Annotated[dict, named("pairs_quality")]:
     """The `pairs` quality suite (Great Expectations); error rows quarantined, too many fail the run."""
     summary = curation.validate(Store(store), dataset_version["name"], dataset_version["version"], "pairs", quality,
                                 skip_if_passed=skip_if_passed)
-    record("pairs_quality", summary)
+    record("pairs_quality", summary, dataset_version["name"], dataset_version["version"])
     return summary
 
 
 @step
 def score_pairs(store: str, dataset_version: dict, scoring: ScoringSpec) -> tuple[
-    Annotated[dict, "score_run"], Annotated[pd.DataFrame, "scores"]
+    Annotated[dict, named("score_run")], Annotated[pd.DataFrame, named("scores")]
 ]:
     """CHES-score the pairs with no score for this model yet (the model is not loaded if there are none); the
     `score_runs` row carries this ZenML run id."""
@@ -69,69 +84,77 @@ def score_pairs(store: str, dataset_version: dict, scoring: ScoringSpec) -> tupl
                                      zenml_run_id=str(get_step_context().pipeline_run.id))
     scores = curation.score_table(db, summary.dataset_name, summary.dataset_version, summary.model_key)
     metadata = curation.score_metadata(summary, scores)
-    record("scoring", metadata)
+    record("scoring", metadata, summary.dataset_name, summary.dataset_version)
     return metadata, scores
 
 
 @step
 def validate_scores(store: str, score_run: dict, quality: str | None = None,
-                    skip_if_passed: bool = False) -> Annotated[dict, "scores_quality"]:
+                    skip_if_passed: bool = False) -> Annotated[dict, named("scores_quality")]:
     """The `scores` quality suite, with drift against the previous version (warnings only)."""
     summary = curation.validate(Store(store), score_run["dataset_name"], score_run["dataset_version"], "scores",
                                 quality, score_run["model_key"], skip_if_passed=skip_if_passed)
-    record("scores_quality", summary)
+    record("scores_quality", summary, score_run["dataset_name"], score_run["dataset_version"])
     return summary
 
 
 @step
 def select_pairs(store: str, score_run: dict, policy: PolicySpec, plugins: list[str] | None = None) -> tuple[
-    Annotated[pd.DataFrame, "selection"], Annotated[dict, "selection_summary"]
+    Annotated[pd.DataFrame, named("selection")], Annotated[dict, named("selection_summary")]
 ]:
     """Apply the policy plugin to the scored pairs that passed quality; recorded in `selections`."""
     curation.load_plugins(plugins or [])
     selection = select(Store(store), score_run["dataset_name"], score_run["dataset_version"],
                        score_run["model_key"], policy.name, policy.params, source="pipeline")
-    record("selection", selection.metadata())
+    record("selection", selection.metadata(), score_run["dataset_name"], score_run["dataset_version"])
     return selection.frame, selection.metadata()
 
 
 @step
 def reselect_pairs(store: str, score_run: dict, policy: PolicySpec, plugins: list[str] | None = None) -> tuple[
-    Annotated[pd.DataFrame, "selection"], Annotated[dict, "selection_summary"], Annotated[pd.DataFrame, "selection_diff"]
+    Annotated[pd.DataFrame, named("selection")], Annotated[dict, named("selection_summary")],
+    Annotated[pd.DataFrame, named("selection_diff")]
 ]:
     """Re-apply the policy to the new version (or reuse its selection) and diff it with the previous selection."""
     curation.load_plugins(plugins or [])
     selection, diff = refresh.reselect(Store(store), score_run["dataset_name"], score_run["dataset_version"],
                                        score_run["model_key"], policy)
     summary = {**selection.metadata(), **diff.metadata()}
-    record("selection", summary)
+    record("selection", summary, score_run["dataset_name"], score_run["dataset_version"])
     return selection.frame, summary, diff.changes
 
 
 @step
 def export_curated(store: str, selection_summary: dict, export: str) -> tuple[
-    Annotated[pd.DataFrame, "curated_pairs"], Annotated[str, "curated_path"]
+    Annotated[pd.DataFrame, named("curated_pairs")], Annotated[str, named("curated_path")]
 ]:
     """Write the kept pairs in TRL's preference format; the same records become the `curated_pairs` artifact."""
     summary, frame = curation.export_selection(Store(store), selection_summary["selection_id"], export)
     record("export", {"curated_path": str(summary.path.resolve()), "n_pairs": summary.n_pairs,
-                      "conversational": summary.conversational})
+                      "conversational": summary.conversational},
+           summary.dataset_name, summary.dataset_version)
     return frame, str(summary.path.resolve())
 
 
 @step
-def curation_report(store: str, score_run: dict, selection_summary: dict) -> Annotated[HTMLString, "curation_report"]:
-    """The self-contained HTML report of this selection, shown as the run's visualization."""
-    return HTMLString(build_report(Store(store), score_run["dataset_name"], score_run["dataset_version"],
-                                   score_run["model_key"], selection_summary["selection_id"]))
+def curation_report(store: str, score_run: dict, selection_summary: dict, curated_path: str,
+                    report: str | None = None) -> Annotated[HTMLString, named("curation_report")]:
+    """The self-contained HTML report of this selection, written next to the curated file (or to `report`, a path
+    with {dataset}, {version}, {selection_id}) and shown as the run's visualization."""
+    name, version = score_run["dataset_name"], score_run["dataset_version"]
+    selection_id = selection_summary["selection_id"]
+    path = write_report(Store(store), name, version, score_run["model_key"], selection_id,
+                        output=curation.report_path(curated_path, report, name, version, selection_id)).resolve()
+    record("report", {"report_path": str(path), "selection_id": selection_id}, name, version)
+    return HTMLString(path.read_text(encoding="utf-8"))
 
 
 @step
 def ablate(store: str, score_run: dict, scoring: ScoringSpec, policies: list[PolicySpec],
-           ablation: AblationSpec, plugins: list[str] | None = None) -> Annotated[pd.DataFrame, "ablation_rows"]:
+           ablation: AblationSpec, plugins: list[str] | None = None) -> Annotated[pd.DataFrame, named("ablation_rows")]:
     """DPO from the scoring model on the full set, each policy's selection and size-matched random controls."""
     curation.load_plugins(plugins or [])
     rows = curation.ablate(Store(store), score_run["dataset_name"], score_run["dataset_version"], scoring, policies,
                            ablation)
-    record("ablation", curation.ablation_metadata(rows))
+    record("ablation", curation.ablation_metadata(rows), score_run["dataset_name"], score_run["dataset_version"])
     return rows

@@ -29,6 +29,7 @@ from ches_curate.pipeline_config import PipelineConfig, PolicySpec, ScoringSpec
 from ches_curate.curation import validate
 from ches_curate.refresh import diff_selections, reselect
 from ches_curate.store import Store
+from pipelines.runs import step_output
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 """ZenML 0.98's run listing reads pydantic's instance `model_fields`, which pydantic 2.11 deprecates."""
@@ -179,13 +180,13 @@ def ablation_run(refresh_run, pipeline_dir):
     return Client().get_pipeline("ablation_pipeline").last_run, result.output
 
 
-def output(run, step: str, name: str):
-    return run.steps[step].outputs[name][0].load()
+def output(run, step: str, stem: str):
+    return step_output(run, step, stem).load()
 
 
 @pytest.mark.slow
 def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, pipeline_dir):
-    first, _, printed, _ = curation_runs
+    first, second, printed, _ = curation_runs
     store = Store(pipeline_dir / "store.duckdb")
     version = output(first, "ingest_dataset", "dataset_version")
     assert (version["version"], version["n_pairs"], version["n_quarantined"]) == (1, N_FIRST, 1)
@@ -206,6 +207,11 @@ def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, 
     assert path == pipeline_dir / "out" / "toy_v1.parquet" and len(pd.read_parquet(path)) == 9
     report = output(first, "curation_report", "curation_report")
     assert report.startswith("<!DOCTYPE html>") and f"kept {len(kept_ids)}" in report
+    report_path = pipeline_dir / "out" / "toy_v1_report.html"  # the second run on v1 wrote it again
+    assert report_path.read_text(encoding="utf-8") == output(second, "curation_report", "curation_report")
+    assert first.run_metadata["report"]["report_path"] == second.run_metadata["report"]["report_path"] == str(
+        report_path)
+    assert f"report: {report_path}" in printed
 
     metadata = first.run_metadata
     assert (metadata["ingest"]["n_pairs"], metadata["selection"]["n_kept"], metadata["scoring"]["n_scored"]) == (
@@ -229,7 +235,6 @@ def test_second_curation_run_on_unchanged_data_scores_nothing_new(curation_runs,
                      params=[str(second.id)])
     assert (runs.n_scored.tolist(), runs.n_skipped.tolist()) == ([0], [N_FIRST])
     assert loaded == [] and runs.model_key.iloc[0] == output(first, "score_pairs", "score_run")["model_key"]
-
     assert output(second, "ingest_dataset", "dataset_version")["created"] is False
     assert store.sql("SELECT count(*) AS n FROM datasets").n.iloc[0] == 1
     assert second.model_version.number == first.model_version.number + 1
@@ -275,6 +280,22 @@ def test_refresh_of_unchanged_source_loads_no_model_and_scores_nothing(unchanged
     assert summary["selection_id"] == output(refresh_run, "reselect_pairs", "selection_summary")["selection_id"]
     assert output(run, "reselect_pairs", "selection_diff").empty
     assert output(run, "score_pairs", "scores").equals(output(refresh_run, "score_pairs", "scores"))
+
+
+@pytest.mark.slow
+def test_artifacts_are_named_for_their_dataset_and_tagged_with_its_version(curation_runs, refresh_run):
+    first, second, _, _ = curation_runs
+    scores = [step_output(run, "score_pairs", "scores") for run in (first, second, refresh_run)]
+    assert [a.name for a in scores] == ["scores_toy"] * 3
+    assert int(scores[1].version) == int(scores[0].version) + 1
+    assert int(scores[2].version) == int(scores[0].version) + 2
+    assert {"dataset:toy", "toy:v1"} <= {t.name for t in scores[0].tags}
+    assert {"dataset:toy", "toy:v2"} <= {t.name for t in scores[2].tags}
+    assert {"dataset:toy", "toy:v2"} <= {t.name for t in refresh_run.tags}
+    names = {a.name for step in first.steps.values() for outputs in step.outputs.values() for a in outputs}
+    assert names == {f"{stem}_toy" for stem in ("dataset_version", "pairs_quality", "score_run", "scores",
+                                                   "scores_quality", "selection", "selection_summary",
+                                                   "curated_pairs", "curated_path", "curation_report")}
 
 
 @pytest.mark.slow

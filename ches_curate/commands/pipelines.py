@@ -89,6 +89,8 @@ def show_curation(run_response: Any) -> None:
         console.print(f"changes since selection {selection['previous_selection_id']}: {changes}, "
                       f"{selection['diff_unchanged']:,} unchanged", highlight=False)
     console.print(f"curated pairs: [bold]{escape(outcome['curated_path'])}[/]", highlight=False)
+    if outcome["report_path"]:
+        console.print(f"report: [bold]{escape(outcome['report_path'])}[/]", highlight=False)
     where_to_look(outcome["store"], selection["selection_id"], outcome["run_id"])
 
 
