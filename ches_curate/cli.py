@@ -76,6 +76,7 @@ EXAMPLES = {
     "probe": "ches-curate probe --prompt \"Is the sky blue? Answer yes or no.\" --preferred No --dispreferred Never",
     "ablate": "ches-curate ablate --dataset hh --policy percentile:p=90 --seed 0 --seed 1",
     "run": "ches-curate run curation --config pipelines/configs/demo.yaml",
+    "runs": "ches-curate runs --pipeline refresh -n 5   # one run in full: ches-curate runs RUN_NAME",
     "schedule": "ches-curate schedule --cron \"0 3 * * *\" --pipeline refresh --local",
 }
 """One worked example per command, shown at the end of its --help."""

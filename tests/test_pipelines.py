@@ -299,6 +299,35 @@ def test_artifacts_are_named_for_their_dataset_and_tagged_with_its_version(curat
 
 
 @pytest.mark.slow
+def test_runs_lists_recent_runs_and_shows_one_with_metadata_and_artifact_ids(curation_runs, refresh_run,
+                                                                              pipeline_dir):
+    first, second, _, _ = curation_runs
+    wide = {"COLUMNS": "250"}  # the table fits: one line per run
+    listed = CliRunner().invoke(cli(), ["runs", "-n", "50"], env=wide)
+    assert listed.exit_code == 0, listed.output + repr(listed.exception)
+
+    def row(run) -> str:
+        lines = [line for line in listed.output.splitlines() if line.startswith("│") and run.name in line]
+        assert len(lines) == 1, listed.output
+        return lines[0]
+
+    report = pipeline_dir / "out" / "toy_v1_report.html"
+    assert "toy v1" in row(first) and str(report) in row(first) and "curation" in row(first)
+    assert "toy v2 " in row(refresh_run) and "refresh" in row(refresh_run)
+    assert f" {refresh_run.run_metadata['selection']['selection_id']} " in row(refresh_run)
+    only_refresh = CliRunner().invoke(cli(), ["runs", "--pipeline", "refresh"], env=wide)
+    assert refresh_run.name in only_refresh.output and first.name not in only_refresh.output
+
+    shown = CliRunner().invoke(cli(), ["runs", first.name], env=wide)
+    assert shown.exit_code == 0, shown.output + repr(shown.exception)
+    assert f"report: {report}" in shown.output and "toy v1" in shown.output
+    assert str(step_output(first, "score_pairs", "scores").id) in shown.output and "scores_toy" in shown.output
+    assert "kept_fraction" in shown.output
+    missing = CliRunner().invoke(cli(), ["runs", "no-such-run"])
+    assert isinstance(missing.exception, ChesCurateError) and "no-such-run" in str(missing.exception)
+
+
+@pytest.mark.slow
 def test_ablation_run_writes_one_row_per_arm(ablation_run, refresh_run, pipeline_dir):
     run, printed = ablation_run
     store = Store(pipeline_dir / "store.duckdb")

@@ -1,4 +1,4 @@
-"""`ches-curate run` and `ches-curate schedule`: run the ZenML pipelines, or schedule one."""
+"""`ches-curate run`, `runs` and `schedule`: run the ZenML pipelines, look at past runs, or schedule one."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ DEFAULT_CONFIG = Path("pipelines/configs/dev.yaml")
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
+    app.command("runs")(runs)
     app.command("schedule")(schedule)
 
 
@@ -102,7 +103,8 @@ def where_to_look(store: str, selection_id: int, run_id: str) -> None:
                   f"SELECT kept, count(*) FROM selections WHERE selection_id = {selection_id} GROUP BY kept",
                   "SELECT run_id, n_scored, n_skipped, zenml_run_id FROM score_runs"):
         console.print(f"  ches-curate sql \"{escape(query)}\" {escape(db)}", highlight=False)
-    console.print(f"  zenml pipeline runs list; the run: {run_id} (dashboard: `make dashboard`)", highlight=False)
+    console.print(f"  ches-curate runs {run_id} (its metadata and artifacts); dashboard: `make dashboard`",
+                  highlight=False)
 
 
 def show_ablation(run_response: Any) -> None:
@@ -119,6 +121,66 @@ def show_ablation(run_response: Any) -> None:
                        [[tables.cell(row.get(c)) for c in columns] for row in rows], title="ablations")
     console.print(f"in the store: ches-curate sql \"SELECT * FROM ablations\" --db {escape(outcome['store'])}",
                   highlight=False)
+
+
+def runs(
+    run_id_or_name: Optional[str] = typer.Argument(None, metavar="[RUN_ID_OR_NAME]",
+                                                   help="One run to show in full (a name, id or id prefix)."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many recent runs to list."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="List only this pipeline's runs: "
+                                           + PIPELINE_HELP),
+) -> None:
+    """List the recent runs of the curation, refresh and ablation pipelines (dataset version, selection, report),
+    or show one run: its metadata, report, curated file and artifact ids."""
+    from pipelines import runs as past
+
+    if run_id_or_name is not None:
+        show_run(past.find_run(run_id_or_name))
+        return
+    found = past.recent_runs(limit, pipeline)
+    columns = [tables.Column("run"), tables.Column("pipeline"), tables.Column("status"), tables.Column("started (UTC)"),
+               tables.Column("dataset"), tables.Column("selection", numeric=True), tables.Column("report")]
+    tables.print_table(console, columns, [
+        [r.name, r.pipeline, r.status, _time(r.start_time), _dataset(r), tables.cell(r.selection_id),
+         tables.cell(r.report_path)] for r in found], title="recent pipeline runs, newest first")
+    if found:
+        console.print(f"one run in full: ches-curate runs {escape(found[0].name)}", highlight=False)
+
+
+def show_run(run_response: Any) -> None:
+    """One run: its numbers, where its files are, and its metadata and artifacts as tables."""
+    from pipelines import runs as past
+
+    run = past.summarize(run_response)
+    console.print(f"[bold]{escape(run.name)}[/] ({run.pipeline} pipeline) {run.status}, started "
+                  f"{_time(run.start_time)} UTC; ZenML run id {run.run_id}", highlight=False)
+    console.print(f"dataset {escape(_dataset(run))}, selection {tables.cell(run.selection_id)}", highlight=False)
+    for label, path in (("curated pairs", run.curated_path), ("report", run.report_path)):
+        if path:
+            console.print(f"{label}: [bold]{escape(path)}[/]", highlight=False)
+    tables.print_table(console, [tables.Column("stage"), tables.Column("key"), tables.Column("value", wrap=True)],
+                       _metadata_rows(run.metadata), title="metadata")
+    tables.print_table(console, [tables.Column("step"), tables.Column("artifact"), tables.Column("version"),
+                                 tables.Column("artifact version id")],
+                       [[a.step, a.name, a.version, a.artifact_id] for a in past.run_artifacts(run_response)],
+                       title="artifacts (load one: Client().get_artifact_version(ID).load())")
+
+
+def _metadata_rows(metadata: dict[str, Any]) -> list[list[tables.Cell]]:
+    """One row per key of each stage's entry; nested values (a quality suite's summary) as JSON."""
+    rows = []
+    for stage, entry in metadata.items():
+        for key, value in (entry.items() if isinstance(entry, dict) else [("", entry)]):
+            rows.append([stage, key, tables.cell(json.dumps(value) if isinstance(value, (dict, list)) else value)])
+    return rows
+
+
+def _time(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+def _dataset(run: Any) -> str:
+    return f"{run.dataset} v{run.dataset_version}" if run.dataset is not None else "-"
 
 
 def schedule(
