@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from ches_curate.ablation import run_ablation  # noqa: E402
 from ches_curate.evaluate import EvalConfig, harmful_prompts  # noqa: E402
-from ches_curate.incremental import score_dataset  # noqa: E402
+from ches_curate.scoring.incremental import score_dataset  # noqa: E402
 from ches_curate.ingest import read_pairs  # noqa: E402
 from ches_curate.models import load_model  # noqa: E402
 from ches_curate.pairs import PreferencePair  # noqa: E402

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.ingest import read_pairs
 from ches_curate.pairs import PreferencePair
 from ches_curate.scoring import Scorer, ScoringConfig

@@ -1,7 +1,7 @@
 """The curation stages as library calls, shared by the ZenML pipelines, the CLI and the Python API.
 
 ingest (bad rows quarantined) → validate (quality suites) → score (incremental, in
-`ches_curate.incremental`) → select (a policy over the pairs that passed quality) →
+`ches_curate.scoring.incremental`) → select (a policy over the pairs that passed quality) →
 export; and the ablation built from a pipeline config. Each function takes the `Store`
 and returns plain, JSON-ready results; the pipelines in `pipelines/` only wrap them in
 steps.
@@ -27,11 +27,11 @@ from ches_curate.pipeline_config import (
     AblationSpec, DatasetSpec, EvaluateSpec, PipelineConfig, PolicySpec, ScoringSpec,
 )
 from ches_curate.policies import get_policy, validate_params
-from ches_curate.score_file import summarize_scores
+from ches_curate.scoring.file_run import summarize_scores
 from ches_curate.store import DatasetVersion, Store
 
 if TYPE_CHECKING:
-    from ches_curate.incremental import ScoreRunSummary
+    from ches_curate.scoring.incremental import ScoreRunSummary
 
 
 def load_plugins(plugins: list[str]) -> None:
@@ -101,7 +101,7 @@ def score_version(store: Store, name: str, version: int, scoring: ScoringSpec,
     comes from its files (`models.model_key_without_loading`), and the run is recorded as
     scoring 0 pairs and skipping all of them. Returns the `ScoreRunSummary`.
     """
-    from ches_curate.incremental import ScoreRunSummary, score_dataset
+    from ches_curate.scoring.incremental import ScoreRunSummary, score_dataset
     from ches_curate.models import model_key_without_loading
 
     started = time.perf_counter()

@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ches_curate.config_files import load_yaml_model
 from ches_curate.configs import EvalConfig, TrainConfig
+from ches_curate.scoring.config import ScoringConfig
+
+_SCORING = ScoringConfig()
 
 
 class _Section(BaseModel):
@@ -45,20 +48,23 @@ class DatasetSpec(_Section):
 
 
 class ScoringSpec(_Section):
-    """The model whose hidden states CHES is computed from, and how to run it."""
+    """The model whose hidden states CHES is computed from, and the `ScoringConfig` settings a pipeline may set.
+
+    Defaults come from `ScoringConfig` itself; `scoring_config()` is the engine's config.
+    """
 
     model: str = Field("default", description="Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M).")
-    batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
-    max_length: int | None = Field(None, ge=2, description="Cap on prompt + response tokens.")
-    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description="Weights dtype.")
+    max_batch_tokens: int | None = Field(_SCORING.max_batch_tokens, ge=1, description="Tokens per forward pass "
+                                         "(default by device: cpu 512, cuda 16384).")
+    batch_size: int | None = Field(_SCORING.batch_size, ge=1, description="Optional cap on pairs per forward pass.")
+    max_length: int | None = Field(_SCORING.max_length, ge=2, description="Cap on prompt + response tokens.")
+    device: str = Field(_SCORING.device, description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(_SCORING.dtype, description="Weights dtype.")
 
-    def scoring_config(self) -> Any:
+    def scoring_config(self) -> ScoringConfig:
         """The engine's `ScoringConfig`; a pair that cannot be scored is quarantined, not fatal, in a pipeline."""
-        from ches_curate.scoring import ScoringConfig
-
-        return ScoringConfig(batch_size=self.batch_size, max_length=self.max_length, device=self.device,
-                             dtype=self.dtype, on_error="quarantine")
+        return ScoringConfig(max_batch_tokens=self.max_batch_tokens, batch_size=self.batch_size,
+                             max_length=self.max_length, device=self.device, dtype=self.dtype, on_error="quarantine")
 
 
 class PolicySpec(_Section):

@@ -12,7 +12,7 @@ from ches_curate.ablation import ABLATION_COLUMNS, plan_arms, run_ablation
 from ches_curate.commands import train as train_commands
 from ches_curate.errors import ChesCurateError
 from ches_curate.evaluate import EvalConfig
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.pairs import PreferencePair
 from ches_curate.store import Store
 from ches_curate.train import TrainConfig

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ches_curate.incremental import close_abandoned_runs, score_dataset
+from ches_curate.scoring.incremental import close_abandoned_runs, score_dataset
 from ches_curate.pairs import PreferencePair
 from ches_curate.scoring import Scorer, ScoringConfig, score_pairs
 from ches_curate.store import Store
@@ -111,7 +111,7 @@ WORKER = """
 import sys, time
 from contextlib import contextmanager
 import torch
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.scoring import ScoringConfig
 from ches_curate.store import Store
 

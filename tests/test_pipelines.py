@@ -103,7 +103,8 @@ def pipeline_dir(session_tmp, tiny_llama_dir) -> Path:
 @contextmanager
 def model_loads() -> Iterator[list[str]]:
     """The model specs `load_model` is called with meanwhile (it still loads them)."""
-    from ches_curate import models, scoring
+    from ches_curate import models
+    from ches_curate.scoring import engine
 
     calls: list[str] = []
     load = models.load_model
@@ -114,7 +115,7 @@ def model_loads() -> Iterator[list[str]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "load_model", counting)
-        patch.setattr(scoring, "load_model", counting)
+        patch.setattr(engine, "load_model", counting)
         yield calls
 
 
@@ -361,7 +362,7 @@ def test_a_failing_step_is_one_error_line_naming_the_run_and_step(curation_runs,
 
 
 def test_refresh_of_unchanged_version_reuses_its_selection_and_validates_once(tmp_path, tiny_llama_dir):
-    from ches_curate.incremental import score_dataset
+    from ches_curate.scoring.incremental import score_dataset
     from ches_curate.scoring import ScoringConfig
 
     store = Store(tmp_path / "s.duckdb")

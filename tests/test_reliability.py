@@ -27,7 +27,7 @@ import yaml
 from ches_curate import plugins
 from ches_curate.store import connections, database as store_module
 from ches_curate.errors import ChesCurateError
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.pairs import PreferencePair
 from ches_curate.pipeline_config import PipelineConfig
 from ches_curate.scoring import score_pairs
@@ -464,14 +464,16 @@ def test_enospc_writing_the_score_table_fails_cleanly_and_leaves_no_partial_file
                                                                                   tiny_llama_dir):
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in POISON_PAIRS[1:]))
-    to_parquet = pd.DataFrame.to_parquet
+    import pyarrow.parquet as pq
 
-    def half_written(frame, path, *args, **kwargs):
-        to_parquet(frame, path, *args, **kwargs)
+    write_table = pq.write_table
+
+    def half_written(table, path, *args, **kwargs):
+        write_table(table, path, *args, **kwargs)
         Path(path).write_bytes(Path(path).read_bytes()[:100])
         enospc()
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_written)
+    monkeypatch.setattr(pq, "write_table", half_written)
     out = tmp_path / "scores.parquet"
     run = run_cli("score", source, "--model", tiny_llama_dir, "--output", out)
     assert run.code == 1

@@ -37,7 +37,7 @@ def installed_command(crontab: Path) -> str:
 def test_installed_cron_entry_runs_under_an_empty_environment_and_scores_only_new_pairs(
     zenml_repo, fake_crontab, tmp_path, tiny_llama_dir
 ):
-    from ches_curate.incremental import score_dataset
+    from ches_curate.scoring.incremental import score_dataset
 
     source = tmp_path / "pairs.jsonl"
     write_jsonl(source, toy_records(100, N_BEFORE))

@@ -15,7 +15,7 @@ import pytest
 
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import PreferencePair
-from ches_curate.progress import track_frames
+from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring import Scorer, ScoringConfig
 from ches_curate.tokenization import encode_pair
 from tests.test_ches import assert_matches_reference, make_pairs, reference_scores

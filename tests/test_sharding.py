@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ches_curate import cli, distributed, sharding
+from ches_curate import cli
+from ches_curate.scoring import distributed, sharded as sharding
 from ches_curate.errors import ChesCurateError
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.pairs import SCORE_COLUMNS, pair_id
-from ches_curate.score_file import score_file
+from ches_curate.scoring.file_run import score_file, write_parquet_atomic
 from ches_curate.scoring import ScoringConfig, score_pairs
 from ches_curate.store import Store
 
@@ -159,7 +160,7 @@ def test_shards_run_in_one_process_match_score_and_its_rejected_rows(app, pairs_
 
 
 def test_merge_names_the_missing_shards_and_the_command_for_them(tmp_path):
-    sharding.write_parquet_atomic(sharding.SCORE_SCHEMA.empty_table(), sharding.part_path(tmp_path, 1, 3))
+    write_parquet_atomic(sharding.SCORE_SCHEMA.empty_table(), sharding.part_path(tmp_path, 1, 3))
     with pytest.raises(ChesCurateError, match=r"2 of 3 parts missing \(shards 0, 2\).*with: run --rank 0 --rank 2"):
         sharding.merge_parts(tmp_path, 3, rerun=lambda shards: "run " + " ".join(f"--rank {s}" for s in shards))
 

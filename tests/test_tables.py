@@ -80,7 +80,7 @@ def test_datasets_through_a_pipe_at_80_columns_shows_whole_values(store):
 
 
 def test_train_limit_trains_on_the_first_pairs_and_records_a_train_run(tmp_path, tiny_llama_dir):
-    from ches_curate.incremental import score_dataset
+    from ches_curate.scoring.incremental import score_dataset
     from tests.test_train import toy_pairs
 
     store = Store(tmp_path / "train.duckdb")

@@ -21,7 +21,7 @@ import torch
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.export import export_dataset
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.ingest import read_pairs
 from ches_curate.models import load_model
 from ches_curate.pairs import PreferencePair

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ches_curate.commands import train as train_commands
 from ches_curate.errors import ChesCurateError
-from ches_curate.incremental import score_dataset
+from ches_curate.scoring.incremental import score_dataset
 from ches_curate.likelihood import displacement_summary, pair_logps
 from ches_curate.models import load_model
 from ches_curate.pairs import PreferencePair

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
@@ -18,7 +17,6 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.policies import (
     PolicyParams,
     SelectionResult,
-    apply_policy,
     available_policies,
     get_policy,
     score_values,

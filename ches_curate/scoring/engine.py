@@ -29,49 +29,18 @@ import pandas as pd
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from ches_curate.ches import ches_scores, last_hidden_inner_product
 from ches_curate.errors import ChesCurateError
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
-from ches_curate.progress import Throughput
+from ches_curate.scoring.ches import ches_scores, last_hidden_inner_product
+from ches_curate.scoring.config import DEFAULT_BATCH_TOKENS, ScoringConfig
+from ches_curate.scoring.progress import SCORING_LOGGER, Throughput
 from ches_curate.tokenization import EncodedPair, TruncationError, encode_pair
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(SCORING_LOGGER)
 
 # Tokens per forward pass, padding included. On CPU a pass is already at the matmul rate
 # with ~200 tokens, so a small budget only groups short pairs; a GPU needs large passes.
-DEFAULT_BATCH_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 16384}
-
-
-@dataclass
-class ScoringConfig:
-    """How to score. Results do not depend on batching, `padding_side` or `share_prompt`."""
-
-    max_batch_tokens: int | None = None
-    """Tokens per forward pass, padding included (a longer pair runs alone); None: by device, see DEFAULT_BATCH_TOKENS."""
-    batch_size: int | None = None
-    """Optional cap on pairs per forward pass."""
-    max_length: int | None = None
-    """Cap on prompt + response tokens; longer pairs keep the prompt's end and the responses' start."""
-    device: str = "auto"
-    """cuda > mps > cpu when auto."""
-    dtype: str = "float32"
-    """Model weights and activations: float32, bfloat16 or float16 (sums are always float64)."""
-    share_prompt: bool = True
-    """Feed each prompt once for both responses; False runs prompt + response twice (the paper's way, for checking)."""
-    prompt_sharing: str = "auto"
-    """`block` (one row per pair under a block mask), `cache` (the prompt's KV cache), or `auto`: block if the model takes it."""
-    padding_side: str = "right"
-    """Where padding goes inside a batch; only for testing that it does not matter."""
-    bucket_batches: int = 16
-    """Read this many batches ahead and sort them by length to reduce padding."""
-    on_error: str = "fail"
-    """`fail` stops at the first pair that cannot be scored; `quarantine` records it in `Scorer.failures`."""
-    trust_remote_code: bool = False
-    progress_every_s: float = 30.0
-    """Seconds between progress lines (pairs, tokens/s, ETA) on the `ches_curate.scoring` logger."""
-
-
 @dataclass
 class _Encoded:
     pair: PreferencePair
@@ -90,10 +59,6 @@ class Scorer:
 
     def __init__(self, model: str | LoadedModel = "default", config: ScoringConfig | None = None):
         self.config = config or ScoringConfig()
-        for name, allowed in (("padding_side", ("left", "right")), ("on_error", ("fail", "quarantine")),
-                              ("prompt_sharing", ("auto", "block", "cache"))):
-            if getattr(self.config, name) not in allowed:
-                raise ChesCurateError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self.config, name)!r}")
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
@@ -171,7 +136,7 @@ class Scorer:
     def _encode(self, pair: PreferencePair) -> _Encoded | None:
         pair_id = pair.pair_id
         try:
-            tokens = encode_pair(self.loaded.tokenizer, pair, self.config.max_length)
+            tokens = encode_pair(self.loaded.tokenizer, pair, self.config.max_length, self.config.chat_template)
         except TruncationError as err:
             self._fail(pair, pair_id, "prompt", str(err))
             return None

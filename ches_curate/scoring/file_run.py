@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ches_curate.errors import ChesCurateError, InputError
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
-from ches_curate.progress import track_frames
-from ches_curate.scoring import Scorer, ScoringConfig
+from ches_curate.scoring.progress import track_frames
+from ches_curate.scoring.config import ScoringConfig
+from ches_curate.scoring.engine import Scorer
 
 
 @dataclass
@@ -77,14 +80,10 @@ def score_file(
         if collected
         else pd.DataFrame(columns=list(SCORE_COLUMNS))
     )
-    partial = output.with_name(f".{output.name}.partial")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        table.to_parquet(partial, index=False)
-        os.replace(partial, output)
+        write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), output)
         rejected_path = write_rejected(output, rejected, scorer.failures)
     except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
-        partial.unlink(missing_ok=True)
         raise ChesCurateError(f"cannot write {output}: {err.strerror or err} (free some space or pick another "
                               "--output, then rerun)") from err
     return ScoreFileSummary(
@@ -129,6 +128,18 @@ def _why_unwritable(folder: Path, err: OSError) -> str:
     if err.errno == errno.EROFS:
         return f"{folder} is on a read-only file system"
     return f"no file can be created in {folder} ({err.strerror})"
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a hidden temporary name beside `path`, then rename: `path` is complete or absent (also on error)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def write_rejected(output: Path, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:

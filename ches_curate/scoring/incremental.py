@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ches_curate.errors import Interrupted
 from ches_curate.models import LoadedModel
-from ches_curate.progress import track_frames
-from ches_curate.scoring import Scorer, ScoringConfig
+from ches_curate.scoring.progress import track_frames
+from ches_curate.scoring.config import ScoringConfig
+from ches_curate.scoring.engine import Scorer
 from ches_curate.store import Store
 
 

@@ -24,12 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ches_curate.errors import ChesCurateError
-from ches_curate.incremental import quarantine_scoring_failures
+from ches_curate.scoring.incremental import quarantine_scoring_failures
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.models import LoadedModel
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
-from ches_curate.score_file import write_rejected
-from ches_curate.scoring import Scorer, ScoringConfig
+from ches_curate.scoring.file_run import write_parquet_atomic, write_rejected
+from ches_curate.scoring.config import ScoringConfig
+from ches_curate.scoring.engine import Scorer
 
 MANIFEST = "manifest.json"
 _RUN_KEYS = ("source", "source_fingerprint", "format", "n_shards", "model", "dtype", "model_key")
@@ -130,14 +131,6 @@ def _is_path(source: PairSource) -> bool:
 
 def _arrow(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame[list(SCORE_COLUMNS)], schema=SCORE_SCHEMA, preserve_index=False)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a hidden temporary name beside `path`, then rename: `path` is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
 
 
 def _run_identity(source: PairSource, label: str | None, format: str, n_shards: int, model: Any,

@@ -1,10 +1,12 @@
-"""`ches-curate score --shards N`: score in N shards, in one process, one shard at a time, or under torchrun.
+"""A sharded scoring job end to end: this process's shards (all, `--rank`s, or torchrun's), then the merge.
 
     ches-curate score pairs.jsonl -o scores.parquet --shards 4            # all 4 here, one after another
     torchrun --nproc-per-node 8 --no-python ches-curate score pairs.jsonl -o scores.parquet
     ches-curate score pairs.jsonl -o scores.parquet --shards 4 --rank 2   # only shard 2 (e.g. after a crash)
 
-The merged table has the columns and order of `ches-curate score`.
+The merged table has the columns and order of `ches-curate score`. `run_sharded` is the
+control flow `ches-curate score --shards` runs; what it has to say goes through `say`
+(the CLI prints it, a pipeline step may log it).
 """
 
 from __future__ import annotations
@@ -16,14 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-
-from ches_curate.commands.score import print_summary
 from ches_curate.errors import ChesCurateError
-from ches_curate.scoring import ScoringConfig
-
-console = Console()
+from ches_curate.scoring.config import ScoringConfig
 
 
 @dataclass(frozen=True)
@@ -43,9 +39,19 @@ class ShardedJob:
     work_dir: Path | None
 
 
-def run_sharded(job: ShardedJob) -> None:
+@dataclass(frozen=True)
+class ShardedOutcome:
+    """What a sharded job left: the merged table's summary (None until every part exists, or on a torchrun
+    rank other than 0) and the run id of the scores loaded into the store (None without `--dataset`)."""
+
+    summary: dict | None = None
+    title: str = ""
+    run_id: int | None = None
+
+
+def run_sharded(job: ShardedJob, say: Callable[[str], None] = print) -> ShardedOutcome:
     """Score this process's shards (torchrun rank, `--rank`s, or all), then merge when every part exists."""
-    from ches_curate import distributed, sharding
+    from ches_curate.scoring import distributed, sharded as sharding
 
     launch = distributed.launch_from_env()
     if launch and job.ranks:
@@ -67,21 +73,22 @@ def run_sharded(job: ShardedJob) -> None:
         results = sharding.score_shards(source_factory, shards, n_shards, work_dir, job.model, job.config, **options)
     for result in results:
         done = "already done" if result.skipped else f"{result.n_scored:,} pairs scored"
-        console.print(f"shard {result.shard} of {n_shards}: {done} -> {escape(str(result.path))}")
+        say(f"shard {result.shard} of {n_shards}: {done} -> {result.path}")
     if launch and launch.rank != 0:
-        return
+        return ShardedOutcome()
     missing = sharding.missing_shards(work_dir, n_shards)
     if missing and job.ranks:
-        console.print(f"{n_shards - len(missing)} of {n_shards} parts done in {escape(str(work_dir))}; still to score: "
-                      f"{escape(rerun(missing))}", soft_wrap=True)
-        return
+        say(f"{n_shards - len(missing)} of {n_shards} parts done in {work_dir}; still to score: {rerun(missing)}")
+        return ShardedOutcome()
+    run_id = None
     if store is not None:
         params = {"model": job.model, **dataclasses.asdict(job.config)}
         run_id, added, failed = sharding.store_merged(store, work_dir, n_shards, dv.name, dv.version, params, rerun)
         failures = f", {failed:,} failed (quarantined)" if failed else ""
-        console.print(f"run {run_id}: {added:,} scores added to {store.path} for {dv.name} v{dv.version}{failures}")
-    if job.output is not None:
-        _write_output(work_dir, n_shards, job.output, rerun)
+        say(f"run {run_id}: {added:,} scores added to {store.path} for {dv.name} v{dv.version}{failures}")
+    if job.output is None:
+        return ShardedOutcome(run_id=run_id)
+    return ShardedOutcome(run_id=run_id, **_write_output(work_dir, n_shards, job.output, rerun, say))
 
 
 def _resolve(job: ShardedJob, n_shards: int) -> tuple[Callable[[], Any], Path, str | None, Any, Any]:
@@ -91,7 +98,7 @@ def _resolve(job: ShardedJob, n_shards: int) -> tuple[Callable[[], Any], Path, s
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
         if job.output.suffix != ".parquet":
             raise ChesCurateError(f"{job.output}: the score table is written as Parquet; name it *.parquet")
-        from ches_curate.score_file import check_writable
+        from ches_curate.scoring.file_run import check_writable
 
         check_writable(job.output)
         work_dir = job.work_dir or job.output.with_name(job.output.name.removesuffix(".parquet") + ".shards")
@@ -125,12 +132,14 @@ def _rerun_command(job: ShardedJob, n_shards: int, work_dir: Path, version: int 
     return lambda shards: shlex.join(args + [a for s in shards for a in ("--rank", str(s))])
 
 
-def _write_output(work_dir: Path, n_shards: int, output: Path, rerun: Callable[[list[int]], str]) -> None:
-    from ches_curate.score_file import summarize_scores
-    from ches_curate.sharding import read_manifest, write_merged
+def _write_output(work_dir: Path, n_shards: int, output: Path, rerun: Callable[[list[int]], str],
+                  say: Callable[[str], None]) -> dict:
+    from ches_curate.scoring.file_run import summarize_scores
+    from ches_curate.scoring.sharded import read_manifest, write_merged
 
     table, rejected = write_merged(work_dir, n_shards, output, rerun)
-    print_summary(summarize_scores(table), f"{len(table)} pairs scored with {read_manifest(work_dir)['model_key']}")
-    console.print(f"wrote [bold]{escape(str(output))}[/] from {n_shards} parts in {escape(str(work_dir))}")
+    say(f"wrote {output} from {n_shards} parts in {work_dir}")
     if rejected:
-        console.print(f"[yellow]rows rejected[/], with reasons, in {escape(str(rejected))}")
+        say(f"rows rejected, with reasons, in {rejected}")
+    return {"summary": summarize_scores(table),
+            "title": f"{len(table)} pairs scored with {read_manifest(work_dir)['model_key']}"}
