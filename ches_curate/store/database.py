@@ -1,4 +1,4 @@
-"""The DuckDB store: the system of record for datasets, scores, selections and results.
+"""`Store`: the one class every read and write of the DuckDB store goes through.
 
 One file (default `./ches_curate.duckdb`, or `$CHES_CURATE_DB`). Every method opens a
 short-lived connection, writes one small transaction, commits and closes, so readers
