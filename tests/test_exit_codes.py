@@ -200,7 +200,10 @@ SLOW_SCORING = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from ches_curate import cli
+    from ches_curate.scoring import incremental
     from ches_curate.store import database as store
+
+    incremental.COMMIT_EVERY_S = 0  # commit every pass, so the signal lands after some commits
 
     write_scores, committed = store.Store.write_scores, Path(sys.argv[1])
 

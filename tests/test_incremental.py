@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ches_curate.scoring.incremental import close_abandoned_runs, score_dataset
@@ -111,9 +112,12 @@ WORKER = """
 import sys, time
 from contextlib import contextmanager
 import torch
+from ches_curate.scoring import incremental
 from ches_curate.scoring.incremental import score_dataset
 from ches_curate.scoring import ScoringConfig
 from ches_curate.store import Store
+
+incremental.COMMIT_EVERY_S = 0  # a transaction per pass, so that the kill lands between or inside them
 
 class SlowStore(Store):
     @contextmanager
@@ -165,3 +169,13 @@ def test_resume_after_kill_scores_each_pair_once(tmp_path, tiny_llama_dir, refer
     np.testing.assert_array_equal(
         store.sql("SELECT count(*) AS n FROM scores GROUP BY pair_id, model_key").n.unique(), [1]
     )
+
+
+def test_frames_are_committed_together_per_interval_and_all_at_the_end(monkeypatch):
+    from ches_curate.scoring import incremental
+
+    clock = iter([0.0, 0.5, 1.0, 2.5, 3.0, 3.2, 9.0, 9.5])  # the first value starts the window
+    monkeypatch.setattr(incremental.time, "monotonic", lambda: next(clock))
+    frames = [pd.DataFrame({"row": [i]}) for i in range(5)]
+    joined = [batch.row.tolist() for batch in incremental._every(frames, 2.0)]
+    assert joined == [[0, 1, 2], [3, 4]]

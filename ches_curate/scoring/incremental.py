@@ -12,7 +12,10 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import pandas as pd
 
 from ches_curate.errors import Interrupted
 from ches_curate.models import LoadedModel
@@ -20,6 +23,9 @@ from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
 from ches_curate.store import Store
+
+COMMIT_EVERY_S = 2.0
+"""Scores are committed in one transaction per this many seconds of scoring (and at the end)."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,11 @@ def score_dataset(
     failures_before = len(scorer.failures)
     n_scored, status = 0, "failed"
     try:
-        frames = scorer.score_batches(store.unscored_pairs(dv.name, dv.version, scorer.key))
+        frames = scorer.score_batches(store.unscored_pairs(dv.name, dv.version, scorer.key), total=n_pairs - n_skipped)
         if progress:
             frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=n_pairs - n_skipped)
-        for frame in frames:
-            n_scored += store.write_scores(run_id, scorer.key, frame)
+        for batch in _every(frames, COMMIT_EVERY_S):
+            n_scored += store.write_scores(run_id, scorer.key, batch)
         status = "finished"
     except Interrupted as stop:
         status = "interrupted"
@@ -101,6 +107,23 @@ def score_dataset(
         run_id, dv.name, dv.version, scorer.key, status, n_pairs, n_scored, n_skipped, len(failures),
         time.perf_counter() - started,
     )
+
+
+def _every(frames: Iterable[pd.DataFrame], seconds: float) -> Iterator[pd.DataFrame]:
+    """The frames joined into one per `seconds` of scoring (and the rest at the end).
+
+    A CPU pass holds one or two pairs and a commit costs ~40 ms, so committing every pass
+    cost 4-7% of the run; a kill still loses at most `seconds` of work.
+    """
+    pending: list[pd.DataFrame] = []
+    due = time.monotonic() + seconds
+    for frame in frames:
+        pending.append(frame)
+        if time.monotonic() >= due:
+            yield pd.concat(pending, ignore_index=True)
+            pending, due = [], time.monotonic() + seconds
+    if pending:
+        yield pd.concat(pending, ignore_index=True)
 
 
 def quarantine_scoring_failures(store: Store, name: str, version: int, model_key: str, failures: list[dict]) -> None:
