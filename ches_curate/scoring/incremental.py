@@ -23,6 +23,7 @@ from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
 from ches_curate.store import Store
+from ches_curate.tokenization import use_chat_template
 
 COMMIT_EVERY_S = 2.0
 """Scores are committed in one transaction per this many seconds of scoring (and at the end)."""
@@ -70,8 +71,16 @@ def score_dataset(
     `Scorer.score_batches` and commits each batch with `store.write_scores`. The run ends
     `finished`, or `failed` / `interrupted` (then re-raises); its committed scores stay.
     """
-    started = time.perf_counter()
     scorer = model if isinstance(model, Scorer) else Scorer(model, config or ScoringConfig())
+    if scorer.config.chat_template is None:  # the enclosing `use_chat_template` (the CLI's flag) decides
+        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress)
+    with use_chat_template(scorer.config.chat_template):  # the store records and reads this tokenization
+        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress)
+
+
+def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | None, zenml_run_id: str | None,
+                   progress: bool) -> ScoreRunSummary:
+    started = time.perf_counter()
     config = scorer.config
     dv = store.dataset_version(dataset, version)
     store.verify()

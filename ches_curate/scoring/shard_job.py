@@ -129,6 +129,8 @@ def _rerun_command(job: ShardedJob, n_shards: int, work_dir: Path, version: int 
             args += [flag, str(value)]
     if job.config.trust_remote_code:
         args.append("--trust-remote-code")
+    if job.config.chat_template is False:
+        args.append("--no-chat-template")
     return lambda shards: shlex.join(args + [a for s in shards for a in ("--rank", str(s))])
 
 
