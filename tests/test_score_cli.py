@@ -79,3 +79,26 @@ def test_every_command_has_help():
         sub = runner.invoke(app, [name, "--help"])
         assert sub.exit_code == 0, name
         assert "Usage" in sub.output
+
+
+def test_limit_scores_only_the_first_rows_of_a_file_and_the_first_unscored_pairs_of_a_dataset(
+        pairs_file, tmp_path, tiny_llama_dir):
+    from ches_curate.store import Store
+
+    out = tmp_path / "first2.parquet"
+    result = runner.invoke(app, ["score", str(pairs_file), "--model", str(tiny_llama_dir), "-o", str(out), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    full = score_pairs(list(read_pairs(pairs_file)), str(tiny_llama_dir), batch_size=1)
+    table = pd.read_parquet(out)
+    assert table["pair_id"].tolist() == full["pair_id"].tolist()[:2]
+    assert table["ches"].tolist() == pytest.approx(full["ches"].tolist()[:2], rel=1e-5)
+
+    db = tmp_path / "s.duckdb"
+    Store(db).register_dataset("toy", None, read_pairs(pairs_file))
+    args = ["score", "--dataset", "toy", "--model", str(tiny_llama_dir), "--db", str(db)]
+    assert runner.invoke(app, [*args, "--limit", "1"]).exit_code == 0
+    assert Store(db).sql("SELECT pair_id FROM scores").pair_id.tolist() == full["pair_id"].tolist()[:1]
+    rest = runner.invoke(app, [*args, "--limit", "5"])
+    assert "2 scored, 1 already scored of 3 pairs" in " ".join(rest.output.split())
+    sharded = runner.invoke(app, [*args, "--limit", "1", "--shards", "2"])
+    assert "--limit does not combine with --shards" in str(sharded.exception)

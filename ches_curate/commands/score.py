@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         model: options.Model = "default",
         format: str = typer.Option("auto", "--format", help="auto, prompt_chosen_rejected, conversational or hh_rlhf."),
         split: Optional[str] = typer.Option(None, "--split", help="Split of a hub dataset or a datasets directory."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N input rows (with --dataset: N of the unscored pairs); a quick look before the whole run."),
         max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1, help="Tokens per forward pass, padding included (default by device: cpu 512, cuda 16384)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Optional cap on pairs per forward pass."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=2, help="Cap on prompt + response tokens (TRL's keep_start)."),
@@ -70,6 +71,9 @@ def register(app: typer.Typer) -> None:
         ctx.with_resource(use_chat_template(not no_chat_template))  # the tokenization version the store records
         from ches_curate.scoring.distributed import launch_from_env
 
+        if (shards is not None or rank or launch_from_env() is not None) and limit is not None:
+            raise ChesCurateError("--limit does not combine with --shards or torchrun; score a --limit sample in "
+                                  "one process first")
         if shards is not None or rank or launch_from_env() is not None:
             from ches_curate.scoring.shard_job import ShardedJob, run_sharded
 
@@ -80,13 +84,13 @@ def register(app: typer.Typer) -> None:
                 print_summary(outcome.summary, outcome.title)
             return
         if dataset is not None:
-            _score_dataset(dataset, version, db, model, config)
+            _score_dataset(dataset, version, db, model, config, limit)
             return
         if input is None or output is None:
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
         from ches_curate.scoring.file_run import score_file
 
-        result = score_file(input, output, model=model, config=config, format=format, split=split)
+        result = score_file(input, output, model=model, config=config, format=format, split=split, limit=limit)
         print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key}")
         console.print(f"wrote [bold]{escape(printable(result.output))}[/] in {result.seconds:.1f} s")
         if result.rejected_path:
@@ -94,10 +98,11 @@ def register(app: typer.Typer) -> None:
                           f"{escape(printable(result.rejected_path))}")
 
 
-def _score_dataset(dataset: str, version: int | None, db: Path | None, model: str, config: ScoringConfig) -> None:
+def _score_dataset(dataset: str, version: int | None, db: Path | None, model: str, config: ScoringConfig,
+                   limit: int | None) -> None:
     from ches_curate.scoring.incremental import score_dataset
     from ches_curate.store import Store
 
     store = Store(db)
-    summary = score_dataset(store, dataset, model, config, version=version)
+    summary = score_dataset(store, dataset, model, config, version=version, limit=limit)
     console.print(summary.describe())

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import pandas as pd
@@ -53,8 +54,9 @@ def score_file(
     format: str = "auto",
     progress: bool = True,
     split: str | None = None,
+    limit: int | None = None,
 ) -> ScoreFileSummary:
-    """Read `source`, score every pair, write `output` (.parquet) sorted by input row."""
+    """Read `source` (its first `limit` rows when given), score every pair, write `output` (.parquet) sorted by row."""
     import time
 
     config = config or ScoringConfig()
@@ -64,7 +66,7 @@ def score_file(
     check_writable(output)
     started = time.perf_counter()
     rejected: list[RejectedRow] = []
-    pairs = _split(read_pairs(source, format=format, on_error=config.on_error, split=split), rejected)
+    pairs = _split(islice(read_pairs(source, format=format, on_error=config.on_error, split=split), limit), rejected)
     scorer = Scorer(model, config)
     frames = scorer.score_batches(pairs)
     if progress:

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import pandas as pd
 
@@ -64,8 +65,10 @@ def score_dataset(
     version: int | None = None,
     zenml_run_id: str | None = None,
     progress: bool = True,
+    limit: int | None = None,
 ) -> ScoreRunSummary:
-    """Score the pairs of `dataset` (latest version by default) that `model` has not scored yet.
+    """Score the pairs of `dataset` (latest version by default) that `model` has not scored yet
+    (at most `limit` of them, in row order, when given: a quick look before the whole run).
 
     Registers the model, opens a `score_runs` row, streams `store.unscored_pairs` through
     `Scorer.score_batches` and commits each batch with `store.write_scores`. The run ends
@@ -73,13 +76,13 @@ def score_dataset(
     """
     scorer = model if isinstance(model, Scorer) else Scorer(model, config or ScoringConfig())
     if scorer.config.chat_template is None:  # the enclosing `use_chat_template` (the CLI's flag) decides
-        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress)
+        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress, limit)
     with use_chat_template(scorer.config.chat_template):  # the store records and reads this tokenization
-        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress)
+        return _score_dataset(store, dataset, scorer, version, zenml_run_id, progress, limit)
 
 
 def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | None, zenml_run_id: str | None,
-                   progress: bool) -> ScoreRunSummary:
+                   progress: bool, limit: int | None) -> ScoreRunSummary:
     started = time.perf_counter()
     config = scorer.config
     dv = store.dataset_version(dataset, version)
@@ -92,9 +95,11 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
     failures_before = len(scorer.failures)
     n_scored, status = 0, "failed"
     try:
-        frames = scorer.score_batches(store.unscored_pairs(dv.name, dv.version, scorer.key), total=n_pairs - n_skipped)
+        to_score = n_pairs - n_skipped if limit is None else min(limit, n_pairs - n_skipped)
+        frames = scorer.score_batches(islice(store.unscored_pairs(dv.name, dv.version, scorer.key), to_score),
+                                      total=to_score)
         if progress:
-            frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=n_pairs - n_skipped)
+            frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=to_score)
         for batch in _every(frames, COMMIT_EVERY_S):
             n_scored += store.write_scores(run_id, scorer.key, batch)
         status = "finished"
