@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "ches_curate.commands.quality",
     "ches_curate.commands.train",
     "ches_curate.commands.pipelines",
+    "ches_curate.commands.check",
 )
 
 err_console = Console(stderr=True)
@@ -78,6 +79,7 @@ EXAMPLES = {
     "run": "ches-curate run curation --config pipelines/configs/demo.yaml",
     "runs": "ches-curate runs --pipeline refresh -n 5   # one run in full: ches-curate runs RUN_NAME",
     "schedule": "ches-curate schedule --cron \"0 3 * * *\" --pipeline refresh --local",
+    "check-ches": "ches-curate check-ches --dataset hh --sample 200 --model default",
 }
 """One worked example per command, shown at the end of its --help."""
 

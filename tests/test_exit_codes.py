@@ -27,8 +27,8 @@ COMMANDS = sorted(command.name or command.callback.__name__ for command in app.r
 
 
 def test_every_command_is_covered():
-    assert set(COMMANDS) == {"ablate", "datasets", "export", "filter", "ingest", "policies", "probe", "quality",
-                             "report", "run", "runs", "schedule", "score", "selections", "sql", "train"}
+    assert set(COMMANDS) == {"ablate", "check-ches", "datasets", "export", "filter", "ingest", "policies", "probe",
+                             "quality", "report", "run", "runs", "schedule", "score", "selections", "sql", "train"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
