@@ -64,15 +64,26 @@ class EvalConfig:
 
 @dataclass
 class ProbeConfig:
-    """The single-pair DPO probe; training goes through `train_dpo` (TRL) with these settings."""
+    """The single-pair DPO probe. Mode `paper` (the default) is Razin et al.'s Section 3 set-up: single-token
+    responses (no end-of-turn token), RMSProp, full batch, lr 1e-7, 100 steps, beta 0.1; mode `response` trains
+    the whole responses through `train_dpo` (TRL, AdamW) and judges log P of the whole response."""
 
     __pydantic_config__ = _STRICT
 
-    steps: int = 20
-    learning_rate: float = 1e-6
-    """Small enough that P(y+) is not simply driven to 1 (Razin et al. use small rates too)."""
+    mode: str = "paper"
+    """`paper` or `response`."""
+    steps: int = 100
+    learning_rate: float = 1e-7
     beta: float = 0.1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run per seed (the paper uses 10). Full-batch training of a model without dropout is deterministic, so
+    seeds differ only through nondeterministic kernels."""
     top_k: int = 10
+    min_prob: float = 1e-3
+    """Observed gainers are among tokens with p_before or p_after at least this (not noise at p ~ 1e-9)."""
     watch: tuple[str, ...] = ("Yes",)
-    """Tokens to report whatever their rank (first token of each, tokenized as a response)."""
-    seed: int = 0
+    """Tokens to report whatever their rank (the first token of each)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("paper", "response"):
+            raise ValueError(f"probe mode must be 'paper' or 'response', not {self.mode!r}")

@@ -12,6 +12,8 @@ the unembedding matrix).
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -136,93 +138,227 @@ def harmful_prompts(pairs: Sequence[PreferencePair], n: int | None = None) -> li
 
 
 @dataclass
-class ProbeResult:
-    """Next-token probabilities at the first response position before and after DPO on one pair.
+class ProbeRun:
+    """One single-pair DPO run of the probe; the scalar fields are the columns of the store's `probe_runs`.
 
-    `risers`: the `top_k` tokens (y+ and y- left out) whose probability rose most;
-    `predicted`: the `top_k` tokens by the theory's score <W_z, W_{y+} - W_{y-}>;
-    `watched`: the `watch` tokens. Each has token, token_id, prob_before, prob_after,
-    prob_change, logp_change, prediction, prediction_rank and rise_rank.
-    `prediction_spearman` correlates prediction and log-prob change over the whole
-    vocabulary (y+ and y- left out); `overlap_at_k` is |risers ∩ predicted| / top_k.
+    `p_plus_*`/`p_minus_*`: P(y+), P(y-) at the prompt's last position (mode `paper`), or of the
+    whole trained response (mode `response`; `first_token_*` then holds the first token's
+    probabilities). `p_plus_min`/`p_plus_min_step` track P(y+) over the run (step 0 = start;
+    `paper` mode only). `loss_monotone`: the loss fell at every step (the paper reports only such
+    runs). `single_token_ches` = <W+, W-> - ||W+||^2 over unembedding rows; `hidden_norm_sq` = ||h||^2
+    of the prompt's last hidden state. `risers`: the observed top gainers among tokens with
+    p_before or p_after >= `min_prob`; `predicted`: the top tokens by <W_z, W+ - W->;
+    `predicted_change`: the top tokens by the first-order predicted probability change.
     """
 
-    ches: float
-    ln_ches: float
-    preferred_token: str
-    dispreferred_token: str
-    preferred_prob: tuple[float, float]
-    dispreferred_prob: tuple[float, float]
+    model_key: str
+    prompt: str
+    preferred: str
+    dispreferred: str
+    mode: str
+    learning_rate: float
+    steps: int
+    seed: int
+    leading_space: bool
+    p_plus_before: float
+    p_plus_after: float
+    p_minus_before: float
+    p_minus_after: float
+    p_plus_min: float | None
+    p_plus_min_step: int | None
+    loss_monotone: bool | None
+    final_loss: float
+    single_token_ches: float
+    hidden_norm_sq: float
     risers: pd.DataFrame
     predicted: pd.DataFrame
+    predicted_change: pd.DataFrame
     watched: pd.DataFrame
-    prediction_spearman: float
-    overlap_at_k: float
-    train_loss: float
-    wall_time_s: float
+    first_token_before: tuple[float, float] = (float("nan"), float("nan"))
+    first_token_after: tuple[float, float] = (float("nan"), float("nan"))
+    wall_time_s: float = 0.0
+
+    @property
+    def displaced(self) -> bool:
+        """Likelihood displacement: P(y+) ended lower than it started."""
+        return self.p_plus_after < self.p_plus_before
+
+    def row(self) -> dict:
+        """The `probe_runs` columns (token tables as JSON lists of {token, token_id, prob_before, prob_after})."""
+        keep = ["token", "token_id", "prob_before", "prob_after"]
+        row = {k: v for k, v in self.__dict__.items() if not isinstance(v, (pd.DataFrame, tuple))}
+        row.update(displaced=self.displaced, top_gainers=self.risers[keep].to_json(orient="records"),
+                   predicted_gainers=self.predicted_change[keep].to_json(orient="records"))
+        return row
 
 
-def run_probe(model, prompt: Prompt, preferred: str, dispreferred: str, config: ProbeConfig | None = None) -> ProbeResult:
-    """DPO on the single pair (prompt, preferred, dispreferred); `model` itself is left unchanged.
+def run_probe(model, prompt: Prompt, preferred: str, dispreferred: str, config: ProbeConfig | None = None,
+              *, leading_space: bool = False) -> list[ProbeRun]:
+    """DPO on the single pair (prompt, preferred, dispreferred), one run per seed; `model` is left unchanged.
 
-    Multi-token responses are trained whole; the probe reads the first response token.
+    Mode `paper` (Razin et al., Section 3): y+ and y- are single tokens (the first token of each,
+    with a leading space if `leading_space`, no end-of-turn token), trained full-batch with RMSProp
+    and the DPO loss -log sigmoid(beta * ((log p(y+) - log p_ref(y+)) - (log p(y-) - log p_ref(y-))))
+    at the prompt's last position; the reference is the starting weights. Mode `response`: TRL DPO on
+    the whole responses (with their end-of-turn token), judged on log P of the whole response.
     """
-    from ches_curate.scoring import score_pairs
+    config = config or ProbeConfig()
+    tokenizer = model.tokenizer
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if config.mode == "response":
+        return [_response_run(model, prompt, prompt_ids, preferred, dispreferred, config, seed) for seed in config.seeds]
+    space = " " if leading_space else ""
+    y_plus, y_minus = (tokenizer(space + text, add_special_tokens=False)["input_ids"][0] for text in (preferred, dispreferred))
+    if y_plus == y_minus:
+        raise ChesCurateError(f"y+ {preferred!r} and y- {dispreferred!r} start with the same token; the probe trains the first one")
+    return [_paper_run(model, prompt, prompt_ids, (preferred, dispreferred), (y_plus, y_minus), config, seed, leading_space)
+            for seed in config.seeds]
+
+
+def probe_sweep(model, prompt: Prompt, preferred: str, dispreferred: str, config: ProbeConfig | None = None,
+                learning_rates: Sequence[float] = (1e-7, 1e-6, 1e-5, 1e-4)) -> list[ProbeRun]:
+    """`run_probe` over learning rates x seeds x (no leading space, leading space): one run each."""
+    config = config or ProbeConfig()
+    return [run for lr in learning_rates for space in (False, True)
+            for run in run_probe(model, prompt, preferred, dispreferred, replace(config, learning_rate=lr), leading_space=space)]
+
+
+def single_token_dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, y_plus: int, y_minus: int, beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * ((logps[y+] - ref[y+]) - (logps[y-] - ref[y-]))): DPO for single-token responses."""
+    margin = (logps[y_plus] - ref_logps[y_plus]) - (logps[y_minus] - ref_logps[y_minus])
+    return -torch.nn.functional.logsigmoid(beta * margin)
+
+
+def _paper_run(model, prompt, prompt_ids, texts, ids, config: ProbeConfig, seed: int, leading_space: bool) -> ProbeRun:
+    from ches_curate.train import clone_model
+
+    started = time.perf_counter()
+    (y_plus, y_minus), device = ids, next(model.model.parameters()).device
+    torch.manual_seed(seed)
+    policy = clone_model(model.model)
+    policy.train()
+    optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.learning_rate)
+    inputs = torch.tensor([prompt_ids], device=device)
+    before = _next_token_logps(model.model, prompt_ids)
+    losses, p_plus = [], []
+    for step in range(config.steps + 1):
+        logps = torch.log_softmax(policy(input_ids=inputs, logits_to_keep=1).logits[0, -1].double(), dim=-1)
+        loss = single_token_dpo_loss(logps, before.to(device), y_plus, y_minus, config.beta)
+        losses.append(loss.item())
+        p_plus.append(logps[y_plus].exp().item())
+        if step == config.steps:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _next_token_logps(policy, prompt_ids)
+    low = min(range(len(p_plus)), key=p_plus.__getitem__)
+    return _run(model, prompt, texts, ids, config, before, after, mode="paper", seed=seed, leading_space=leading_space,
+                p_plus=(p_plus[0], p_plus[-1]), p_minus=(before[y_minus].exp().item(), after[y_minus].exp().item()),
+                p_plus_min=p_plus[low], p_plus_min_step=low,
+                loss_monotone=all(b < a for a, b in zip(losses, losses[1:])), final_loss=losses[-1], started=started)
+
+
+def _response_run(model, prompt, prompt_ids, preferred, dispreferred, config: ProbeConfig, seed: int) -> ProbeRun:
     from ches_curate.train import TrainConfig, clone_model, train_dpo
 
-    config = config or ProbeConfig()
     started = time.perf_counter()
-    tokenizer = model.tokenizer
-    pair = PreferencePair(prompt, preferred, dispreferred)
-    encoded = encode_pair(tokenizer, pair)
-    y_plus, y_minus = encoded.chosen_ids[0], encoded.rejected_ids[0]
-    if y_plus == y_minus:
+    encoded = encode_pair(model.tokenizer, PreferencePair(prompt, preferred, dispreferred))
+    ids = (encoded.chosen_ids[0], encoded.rejected_ids[0])
+    if ids[0] == ids[1]:
         raise ChesCurateError("the preferred and dispreferred responses start with the same token; the probe reads the first one")
-    score = score_pairs([pair], model=model).iloc[0]
-    before = _next_token_logps(model.model, encoded.prompt_ids)
-    unembedding = model.model.get_output_embeddings().weight.detach().double()
-    prediction = (unembedding @ (unembedding[y_plus] - unembedding[y_minus])).cpu()
-
+    before = _next_token_logps(model.model, prompt_ids)
+    logp_before = [_response_logp(model.model, prompt_ids, r) for r in (encoded.chosen_ids, encoded.rejected_ids)]
     trained = replace(model, model=clone_model(model.model))
     with tempfile.TemporaryDirectory(prefix="ches_curate_probe_") as scratch:
         train_config = TrainConfig(
             beta=config.beta, learning_rate=config.learning_rate, max_steps=config.steps, batch_size=1,
-            max_length=None, lr_scheduler_type="constant", seed=config.seed, save_model=False, output_dir=scratch,
+            max_length=None, lr_scheduler_type="constant", seed=seed, save_model=False, output_dir=scratch,
         )
-        result = train_dpo(trained, model.model, [pair], train_config)
-    after = _next_token_logps(result.model, encoded.prompt_ids)
+        result = train_dpo(trained, model.model, [PreferencePair(prompt, preferred, dispreferred)], train_config)
+    after = _next_token_logps(result.model, prompt_ids)
+    logp_after = [_response_logp(result.model, prompt_ids, r) for r in (encoded.chosen_ids, encoded.rejected_ids)]
+    margin = (logp_after[0] - logp_before[0]) - (logp_after[1] - logp_before[1])
+    run = _run(model, prompt, (preferred, dispreferred), ids, config, before, after, mode="response", seed=seed,
+               leading_space=False, p_plus=(math.exp(logp_before[0]), math.exp(logp_after[0])),
+               p_minus=(math.exp(logp_before[1]), math.exp(logp_after[1])), p_plus_min=None, p_plus_min_step=None,
+               loss_monotone=None, final_loss=-math.log(1 / (1 + math.exp(-config.beta * margin))), started=started)
+    run.first_token_before = (before[ids[0]].exp().item(), before[ids[1]].exp().item())
+    run.first_token_after = (after[ids[0]].exp().item(), after[ids[1]].exp().item())
+    return run
 
-    table = _token_table(before, after, prediction, exclude=(y_plus, y_minus))
-    risers = table.nsmallest(config.top_k, "rise_rank")
-    predicted = table.nsmallest(config.top_k, "prediction_rank")
-    watch_ids = [i for i in (encode_response(tokenizer, prompt, text)[0] for text in config.watch) if i in table.index]
-    return ProbeResult(
-        ches=float(score["ches"]),
-        ln_ches=float(score["ln_ches"]),
-        preferred_token=tokenizer.decode([y_plus]),
-        dispreferred_token=tokenizer.decode([y_minus]),
-        preferred_prob=(float(before[y_plus].exp()), float(after[y_plus].exp())),
-        dispreferred_prob=(float(before[y_minus].exp()), float(after[y_minus].exp())),
-        risers=_with_tokens(tokenizer, risers),
-        predicted=_with_tokens(tokenizer, predicted),
-        watched=_with_tokens(tokenizer, table.loc[watch_ids]),
-        prediction_spearman=float(table["prediction"].corr(table["logp_change"], method="spearman")),
-        overlap_at_k=len(set(risers.token_id) & set(predicted.token_id)) / config.top_k,
-        train_loss=result.train_loss,
-        wall_time_s=time.perf_counter() - started,
+
+def _run(model, prompt, texts, ids, config: ProbeConfig, before, after, *, started, p_plus, p_minus, **fields) -> ProbeRun:
+    """The token tables and the geometry of a finished run, around its measured `fields`."""
+    (y_plus, y_minus), tokenizer = ids, model.tokenizer
+    unembedding = model.model.get_output_embeddings().weight.detach().double().cpu()
+    hidden = _last_hidden(model.model, encode_prompt(tokenizer, prompt))
+    w_plus, w_minus = unembedding[y_plus], unembedding[y_minus]
+    table = _token_table(before, after, unembedding @ (w_plus - w_minus),
+                         _first_order_change(before, unembedding, hidden, ids, config), exclude=ids)
+    common = table[(table.prob_before >= config.min_prob) | (table.prob_after >= config.min_prob)]
+    watch_ids = [i for i in (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in config.watch) if i in table.index]
+    return ProbeRun(
+        model_key=model.key, prompt=prompt if isinstance(prompt, str) else json.dumps(prompt), preferred=texts[0],
+        dispreferred=texts[1], learning_rate=config.learning_rate, steps=config.steps,
+        p_plus_before=p_plus[0], p_plus_after=p_plus[1], p_minus_before=p_minus[0], p_minus_after=p_minus[1],
+        single_token_ches=float(w_plus @ w_minus - w_plus @ w_plus), hidden_norm_sq=float(hidden @ hidden),
+        risers=_with_tokens(tokenizer, common.nlargest(config.top_k, "prob_change")),
+        predicted=_with_tokens(tokenizer, table.nsmallest(config.top_k, "prediction_rank")),
+        predicted_change=_with_tokens(tokenizer, table.nlargest(config.top_k, "predicted_change")),
+        watched=_with_tokens(tokenizer, table.loc[watch_ids]), wall_time_s=time.perf_counter() - started, **fields,
     )
+
+
+def _first_order_change(logps: torch.Tensor, unembedding: torch.Tensor, hidden: torch.Tensor, ids, config: ProbeConfig) -> torch.Tensor:
+    """Each token's first-order probability change per unit step of gradient descent on h and W at the start.
+
+    At the reference the DPO gradient on the logits is -(beta/2)(e_{y+} - e_{y-}), so the step moves the
+    logits by a = (beta/2) (W (W+ - W-) + ||h||^2 (e_{y+} - e_{y-})) (h moves along W+ - W-; rows W+, W-
+    along +-h), and p_z by p_z (a_z - sum_j p_j a_j). The model of Razin et al.'s single-token analysis
+    (free h and W); it ignores the rest of the network and a tied input embedding.
+    """
+    y_plus, y_minus = ids
+    logit_step = unembedding @ (unembedding[y_plus] - unembedding[y_minus])
+    logit_step[y_plus] += hidden @ hidden
+    logit_step[y_minus] -= hidden @ hidden
+    logit_step *= config.beta / 2
+    probs = logps[: len(logit_step)].exp()
+    return probs * (logit_step - probs @ logit_step)
+
+
+def _last_hidden(model, prompt_ids: list[int]) -> torch.Tensor:
+    """h: the last layer's hidden state at the prompt's last position (the unembedding's input), float64 on CPU."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        output = model(input_ids=torch.tensor([prompt_ids], device=device), output_hidden_states=True, logits_to_keep=1)
+    return output.hidden_states[-1][0, -1].double().cpu()
+
+
+def _response_logp(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log P(response | prompt), summed over the response tokens."""
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt_ids + response_ids], device=device)).logits[0]
+    # The token at position P + i is predicted at position P + i - 1.
+    logps = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].double(), dim=-1)
+    return float(logps.gather(1, torch.tensor(response_ids, device=device)[:, None]).sum())
 
 
 def _next_token_logps(model, prompt_ids: list[int]) -> torch.Tensor:
     """log p(z | prompt) over the vocabulary, float64 on CPU."""
     device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([prompt_ids], device=device), logits_to_keep=1).logits[0, -1]
+    model.train(was_training)
     return torch.log_softmax(logits.double(), dim=-1).cpu()
 
 
-def _token_table(before: torch.Tensor, after: torch.Tensor, prediction: torch.Tensor, exclude) -> pd.DataFrame:
+def _token_table(before: torch.Tensor, after: torch.Tensor, prediction: torch.Tensor, predicted_change: torch.Tensor,
+                 exclude) -> pd.DataFrame:
     """One row per vocabulary token (index = token id) but `exclude`, with its changes and ranks."""
     vocab = min(len(before), len(prediction))
     prob_before, prob_after = before[:vocab].exp().numpy(), after[:vocab].exp().numpy()
@@ -234,6 +370,7 @@ def _token_table(before: torch.Tensor, after: torch.Tensor, prediction: torch.Te
             "prob_change": prob_after - prob_before,
             "logp_change": (after[:vocab] - before[:vocab]).numpy(),
             "prediction": prediction[:vocab].numpy(),
+            "predicted_change": predicted_change[:vocab].numpy(),
         }
     ).drop(index=list(exclude))
     table["rise_rank"] = table["prob_change"].rank(ascending=False, method="first").astype(int)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -135,53 +136,55 @@ def test_harmful_prompts_are_first_human_turns():
     assert harmful_prompts(pairs, n=2) == ["How do I hotwire a car?", "Insult me"]
 
 
-def test_probe_reports_probabilities_and_the_theory_on_a_tiny_model(llama):
+def test_response_mode_probe_judges_the_whole_response_and_shows_the_first_token(llama):
     before_weights = {n: p.clone() for n, p in llama.model.named_parameters()}
-    result = run_probe(llama, "Is the sky blue?", "No", "yes", ProbeConfig(steps=3, learning_rate=1e-2, top_k=5, watch=("sure", "No")))
+    config = ProbeConfig(mode="response", steps=3, learning_rate=1e-2, top_k=5, seeds=(0,), watch=("sure", "No"))
+    result, = run_probe(llama, "Is the sky blue?", "No", "yes", config)
 
     pair = PreferencePair("Is the sky blue?", "No", "yes")
     encoded = encode_pair(llama.tokenizer, pair)
     with torch.no_grad():
-        probs = torch.softmax(llama.model(torch.tensor([encoded.prompt_ids])).logits[0, -1].double(), -1)
+        logps = torch.log_softmax(llama.model(torch.tensor([encoded.prompt_ids + encoded.chosen_ids])).logits[0].double(), -1)
+    prompt_len = len(encoded.prompt_ids)
+    chosen_logp = sum(logps[prompt_len - 1 + i, t].item() for i, t in enumerate(encoded.chosen_ids))
+    assert len(encoded.chosen_ids) > 1, "the response is trained with its end-of-turn token"
+    assert result.p_plus_before == pytest.approx(math.exp(chosen_logp), rel=1e-6)
     y_plus, y_minus = encoded.chosen_ids[0], encoded.rejected_ids[0]
-    assert result.preferred_prob[0] == pytest.approx(probs[y_plus].item(), rel=1e-6)
-    assert result.dispreferred_prob[0] == pytest.approx(probs[y_minus].item(), rel=1e-6)
-    assert result.preferred_token == llama.tokenizer.decode([y_plus])
-    assert result.ches == pytest.approx(score_pairs([pair], model=llama).ches.iloc[0])
+    assert result.first_token_before[0] == pytest.approx(logps[prompt_len - 1, y_plus].exp().item(), rel=1e-6)
+    assert result.displaced == (result.p_plus_after < result.p_plus_before)
+    assert result.loss_monotone is None and result.p_plus_min is None
 
     w = llama.model.get_output_embeddings().weight.double()
     prediction = w @ (w[y_plus] - w[y_minus])
     prediction[[y_plus, y_minus]] = -float("inf")
     assert result.predicted.token_id.tolist() == prediction.topk(5).indices.tolist()
     assert result.predicted.prediction.tolist() == pytest.approx(prediction.topk(5).values.tolist())
-    assert result.risers.prob_change.is_monotonic_decreasing and result.risers.rise_rank.tolist() == [1, 2, 3, 4, 5]
     assert (result.risers.prob_after - result.risers.prob_before).tolist() == pytest.approx(result.risers.prob_change.tolist())
-    sure = llama.tokenizer("sure", add_special_tokens=False)["input_ids"][0]  # ChatML: the reply starts a new line
+    sure = llama.tokenizer("sure", add_special_tokens=False)["input_ids"][0]
     assert result.watched.token_id.tolist() == [sure], "the watched 'No' is y+ itself, reported separately"
-    assert 0 <= result.overlap_at_k <= 1 and -1 <= result.prediction_spearman <= 1
     assert all(torch.equal(p, before_weights[n]) for n, p in llama.model.named_parameters()), "the probe trains a copy"
 
 
 @pytest.mark.slow
 def test_probe_on_the_default_model_runs_on_cpu():
-    """The paper's experiment on SmolLM2-135M: a few DPO steps on ("No" over "Never")."""
+    """The paper's experiment on SmolLM2-135M: a few single-token DPO steps on ("No" over "Never")."""
     loaded = load_model("default")
-    result = run_probe(loaded, "Is the sky blue? Answer yes or no.", "No", "Never", ProbeConfig(steps=4))
-    assert (result.preferred_token, result.dispreferred_token) == ("No", "Never")
-    assert 0 < result.preferred_prob[0] < 1 and result.dispreferred_prob[1] < result.dispreferred_prob[0]
-    assert len(result.risers) == 10 and len(result.predicted) == 10 and result.watched.token.tolist() == ["Yes"]
-    assert result.ches < 0 and result.wall_time_s < 600
+    result, = run_probe(loaded, "Is the sky blue? Answer yes or no.", "No", "Never", ProbeConfig(steps=4, seeds=(0,)))
+    assert (result.preferred, result.dispreferred) == ("No", "Never")
+    assert 0 < result.p_plus_before < 1 and result.p_minus_after < result.p_minus_before
+    assert len(result.predicted) == 10 and result.watched.token.tolist() == ["Yes"]
+    assert result.single_token_ches < 0 and result.wall_time_s < 600
 
 
-def test_probe_command_prints_both_rankings(tiny_llama_dir):
+def test_probe_command_prints_the_run_and_both_predictions(tiny_llama_dir):
     app = typer.Typer()
     train_commands.register(app)
     result = CliRunner().invoke(app, [
         "probe", "--prompt", "Is the sky blue?", "--preferred", "No", "--dispreferred", "yes", "--steps", "2",
-        "--lr", "1e-2", "--top-k", "3", "--watch", "sure", "--model", str(tiny_llama_dir),
+        "--lr", "1e-2", "--top-k", "3", "--seeds", "1", "--watch", "sure", "--model", str(tiny_llama_dir),
     ], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert re.search(r"P\(y\+ = 'N\w*'\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
-    assert re.search(r"P\(y- = 'y\w*'\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
-    assert "tokens whose probability rose most" in result.output and "theory's prediction" in result.output
-    assert "overlap of the two top-3 lists" in result.output
+    assert re.search(r"P\(y\+ = 'No', single token\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
+    assert re.search(r"P\(y- = 'yes', single token\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
+    assert "observed top gainers" in result.output and "first-order probability change" in result.output
+    assert "single-token CHES" in result.output and "the loss" in result.output

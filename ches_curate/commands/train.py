@@ -93,43 +93,95 @@ def probe(
     prompt: str = typer.Option(..., "--prompt", help="The prompt x."),
     preferred: str = typer.Option(..., "--preferred", help="The preferred response y+ (e.g. 'No')."),
     dispreferred: str = typer.Option(..., "--dispreferred", help="The dispreferred response y- (e.g. 'Never')."),
+    mode: str = typer.Option(_PROBE.mode, "--mode", help="paper: single tokens, RMSProp, full batch (Razin et al., "
+                             "Section 3); response: TRL DPO on the whole responses, judged on log P of each."),
     steps: int = typer.Option(_PROBE.steps, "--steps", min=1, help="DPO steps on the single pair."),
     lr: float = typer.Option(_PROBE.learning_rate, "--lr", min=0.0, help="Learning rate."),
     beta: float = typer.Option(_PROBE.beta, "--beta", min=0.0, help="DPO beta."),
+    seeds: int = typer.Option(len(_PROBE.seeds), "--seeds", min=1, help="Runs (seeds 0..N-1; the paper uses 10)."),
+    leading_space: bool = typer.Option(False, "--leading-space", help="Train ' y+' over ' y-' (paper mode)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run every --sweep-lr x seed x (with, without a leading "
+                               "space) and print one row per run."),
+    sweep_lr: list[float] = typer.Option([1e-7, 1e-6, 1e-5, 1e-4], "--sweep-lr", help="Learning rates of --sweep."),
     top_k: int = typer.Option(_PROBE.top_k, "--top-k", min=1, help="Tokens to list per table."),
     watch: list[str] = typer.Option(list(_PROBE.watch), "--watch", help="Token(s) to report whatever their rank (repeatable)."),
     model: options.Model = "default",
+    db: options.Db = None,
 ) -> None:
-    """DPO on one pair, then show which next tokens gained probability, and the theory's prediction.
+    """DPO on one pair: did P(y+) fall (likelihood displacement), which tokens gained, what the theory predicted.
 
-    Reproduces the single-example experiment of Razin et al.: training on y+ = "No"
-    over y- = "Never" can lower P("No") and raise an opposite token such as "Yes".
+    Razin et al. (Section 3) train y+ = "No" over y- = "Never" as single tokens and report P("No")
+    falling while "Yes" rises. Runs are recorded in the `probe_runs` table when --db (or CHES_CURATE_DB) is given.
     """
-    from ches_curate.evaluate import run_probe
+    from ches_curate.evaluate import probe_sweep, run_probe
     from ches_curate.models import load_model
 
-    config = ProbeConfig(steps=steps, learning_rate=lr, beta=beta, top_k=top_k, watch=tuple(watch))
-    result = run_probe(load_model(model), prompt, preferred, dispreferred, config)
-    console.print(f"CHES {result.ches:.4g}, ln-CHES {result.ln_ches:.4g}; {steps} DPO steps, "
-                  f"final loss {result.train_loss:.4g}, {result.wall_time_s:.0f} s")
-    for label, token, (before, after) in (("y+", result.preferred_token, result.preferred_prob),
-                                          ("y-", result.dispreferred_token, result.dispreferred_prob)):
-        console.print(f"P({label} = {escape(repr(token))}): {before:.4g} -> {after:.4g}", highlight=False)
-    if result.preferred_prob[1] < result.preferred_prob[0]:
-        console.print("[bold red]likelihood displacement:[/] the preferred response lost probability")
-    _token_table("tokens whose probability rose most (first response position)", result.risers)
-    _token_table("theory's prediction: largest <W_z, W_y+ - W_y->", result.predicted)
-    if len(result.watched):
-        _token_table("watched tokens", result.watched)
-    console.print(f"Spearman(prediction, log-prob change) over the vocabulary: {result.prediction_spearman:.3f}; "
-                  f"overlap of the two top-{top_k} lists: {result.overlap_at_k:.0%}")
+    if mode not in ("paper", "response"):
+        raise typer.BadParameter(f"{mode!r} is not a mode; use paper or response", param_hint="--mode")
+    config = ProbeConfig(mode=mode, steps=steps, learning_rate=lr, beta=beta, seeds=tuple(range(seeds)), top_k=top_k,
+                         watch=tuple(watch))
+    loaded = load_model(model)
+    if sweep:
+        runs = probe_sweep(loaded, prompt, preferred, dispreferred, config, learning_rates=sweep_lr)
+        _sweep_table(runs)
+    else:
+        runs = run_probe(loaded, prompt, preferred, dispreferred, config, leading_space=leading_space)
+        for run in runs:
+            _report_run(run)
+    if db is not None:
+        from ches_curate.store import Store
+
+        store = Store(db)
+        ids = [store.record_probe_run(run.row()) for run in runs]
+        console.print(f"recorded as probe runs {ids[0]}..{ids[-1]} in the `probe_runs` table", highlight=False)
+
+
+def _report_run(run) -> None:
+    console.print(f"[bold]{run.mode} mode, seed {run.seed}[/]: {run.steps} steps, lr {run.learning_rate:g}, "
+                  f"final loss {run.final_loss:.4g}, {run.wall_time_s:.0f} s", highlight=False)
+    what = "single token" if run.mode == "paper" else "whole response"
+    for label, text, before, after in (("y+", run.preferred, run.p_plus_before, run.p_plus_after),
+                                       ("y-", run.dispreferred, run.p_minus_before, run.p_minus_after)):
+        console.print(f"P({label} = {escape(repr(text))}, {what}): {before:.4g} -> {after:.4g}", highlight=False)
+    if run.mode == "response":
+        console.print(f"first token: P(y+) {run.first_token_before[0]:.4g} -> {run.first_token_after[0]:.4g}, "
+                      f"P(y-) {run.first_token_before[1]:.4g} -> {run.first_token_after[1]:.4g}", highlight=False)
+    else:
+        console.print(f"min P(y+) over the run {run.p_plus_min:.4g} at step {run.p_plus_min_step}; the loss "
+                      f"{'fell at every step' if run.loss_monotone else 'did NOT fall at every step (unstable run)'}")
+    console.print("[bold red]likelihood displacement:[/] P(y+) fell" if run.displaced else "no displacement: P(y+) rose")
+    console.print(f"single-token CHES <W+, W-> - ||W+||^2 = {run.single_token_ches:.4g}; ||h||^2 = "
+                  f"{run.hidden_norm_sq:.4g}", highlight=False)
+    if run.single_token_ches < 0:
+        console.print("[yellow]displacement unlikely:[/] the single-token CHES is negative")
+    _token_table("observed top gainers (p before or after >= 1e-3)", run.risers)
+    _token_table("predicted: largest first-order probability change of a gradient step", run.predicted_change)
+    _token_table("predicted: largest <W_z, W+ - W->", run.predicted)
+    if len(run.watched):
+        _token_table("watched tokens", run.watched)
+
+
+def _sweep_table(runs) -> None:
+    columns = ["lr", "space", "seed", *(tables.Column(c, numeric=True) for c in (
+        "P(y+) before", "P(y+) after", "min P(y+)", "min step", "P(y-) before", "P(y-) after", "final loss")),
+        "monotone", "displaced", "top gainer"]
+    rows = [[f"{r.learning_rate:g}", "yes" if r.leading_space else "no", str(r.seed),
+             *(tables.cell(v) for v in (r.p_plus_before, r.p_plus_after, r.p_plus_min)), tables.cell(r.p_plus_min_step),
+             *(tables.cell(v) for v in (r.p_minus_before, r.p_minus_after, r.final_loss)),
+             tables.cell(r.loss_monotone), tables.cell(r.displaced), repr(r.risers.token.iloc[0]) if len(r.risers) else "-"]
+            for r in runs]
+    first = runs[0]
+    tables.print_table(console, columns, rows, title=f"probe sweep: {first.preferred!r} over {first.dispreferred!r}, "
+                       f"{first.mode} mode, {first.steps} steps; single-token CHES {first.single_token_ches:.4g} "
+                       f"(no space), ||h||^2 {first.hidden_norm_sq:.4g}")
 
 
 def _token_table(title: str, frame) -> None:
     columns = ["token", *(tables.Column(c, numeric=True) for c in ("p before", "p after", "change", "rise rank",
-                                                                    "prediction", "prediction rank"))]
+                                                                    "<W_z, W+ - W->", "prediction rank", "first-order"))]
     rows = [[repr(row.token), f"{row.prob_before:.3g}", f"{row.prob_after:.3g}", f"{row.prob_change:+.3g}",
-             str(row.rise_rank), f"{row.prediction:.3g}", str(row.prediction_rank)] for row in frame.itertuples()]
+             str(row.rise_rank), f"{row.prediction:.3g}", str(row.prediction_rank), f"{row.predicted_change:+.3g}"]
+            for row in frame.itertuples()]
     tables.print_table(console, columns, rows, title=title)
 
 

@@ -44,6 +44,14 @@ TRAIN_RUN_COLUMNS = (
 )
 """Columns of a `train_runs` row as written (`train_run_id` and `created_at` are filled by the store)."""
 
+PROBE_RUN_COLUMNS = (
+    "model_key", "prompt", "preferred", "dispreferred", "mode", "leading_space", "learning_rate", "steps", "seed",
+    "p_plus_before", "p_plus_after", "p_plus_min", "p_plus_min_step", "p_minus_before", "p_minus_after",
+    "loss_monotone", "final_loss", "displaced", "single_token_ches", "hidden_norm_sq", "top_gainers",
+    "predicted_gainers", "wall_time_s",
+)
+"""Columns of a `probe_runs` row as written (`probe_run_id` and `created_at` are filled by the store)."""
+
 
 def _sql_error(err: duckdb.Error, write: bool, path: Path) -> ChesCurateError:
     """DuckDB's error on one line: its hint and `LINE 1: ...` context kept, the line of carets dropped.
@@ -569,6 +577,15 @@ class Store:
             return int(con.execute(
                 f"INSERT INTO train_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
                 "RETURNING train_run_id", [row[c] for c in columns],
+            ).fetchall()[0][0])
+
+    def record_probe_run(self, row: dict[str, Any]) -> int:
+        """Append one `probe_runs` row (`ProbeRun.row()`: its columns but the id and time); returns its probe_run_id."""
+        columns = [c for c in PROBE_RUN_COLUMNS if c in row]
+        with self.transaction() as con:
+            return int(con.execute(
+                f"INSERT INTO probe_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+                "RETURNING probe_run_id", [row[c] for c in columns],
             ).fetchall()[0][0])
 
     def selection(self, selection_id: int) -> pd.DataFrame:

@@ -201,8 +201,27 @@ SELECTION_SOURCE_AND_TRAIN_RUNS = Migration(
     ),
 )
 
+# One row per `ches-curate probe` run (a single-pair DPO run; `ches_curate.evaluate.ProbeRun`). The
+# probabilities are of the single token (mode `paper`) or of the whole response (mode `response`).
+PROBE_RUNS = Migration(
+    7,
+    "probe_runs: single-pair DPO probe runs (Razin et al., Section 3)",
+    (
+        "CREATE SEQUENCE probe_run_id_seq START 1",
+        f"""CREATE TABLE probe_runs (
+            probe_run_id INTEGER PRIMARY KEY DEFAULT nextval('probe_run_id_seq'), model_key VARCHAR NOT NULL,
+            prompt VARCHAR NOT NULL, preferred VARCHAR NOT NULL, dispreferred VARCHAR NOT NULL, mode VARCHAR NOT NULL,
+            leading_space BOOLEAN NOT NULL, learning_rate DOUBLE NOT NULL, steps INTEGER NOT NULL, seed INTEGER NOT NULL,
+            p_plus_before DOUBLE, p_plus_after DOUBLE, p_plus_min DOUBLE, p_plus_min_step INTEGER,
+            p_minus_before DOUBLE, p_minus_after DOUBLE, loss_monotone BOOLEAN, final_loss DOUBLE, displaced BOOLEAN,
+            single_token_ches DOUBLE, hidden_norm_sq DOUBLE, top_gainers JSON, predicted_gainers JSON,
+            wall_time_s DOUBLE, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, TOKENIZATION_VERSION_OF_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS,
+    PROBE_RUNS,
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
