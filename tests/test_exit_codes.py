@@ -22,6 +22,7 @@ from ches_curate.cli import app
 from ches_curate.store import Store
 from tests.reliability_helpers import QUIET_ENV, REPO, run_cli
 from tests.test_incremental import N_PAIRS, toy_pairs
+from tests.test_policy_safety import PLUGIN
 
 COMMANDS = sorted(command.name or command.callback.__name__ for command in app.registered_commands)
 
@@ -102,26 +103,6 @@ def test_schedule_that_only_prints_the_entry_exits_1(tmp_path, monkeypatch):
     assert run.code == 1 and "run again with --local" in run.output
 
 
-SLOW_PLUGIN = '''
-import time
-from pathlib import Path
-from ches_curate import hookimpl
-from ches_curate.policies import Policy, PolicyParams
-
-class {name}(Policy):
-    name = "{policy}"
-    description = "misbehaves"
-
-    class Params(PolicyParams):
-        pass
-
-    def select(self, scores, params):
-        {body}
-
-@hookimpl
-def register_filter_policies(register):
-    register({name}())
-'''
 
 
 def scored_store(tmp_path: Path) -> Path:
@@ -140,9 +121,10 @@ def scored_store(tmp_path: Path) -> Path:
     return store.path
 
 
-def plugin_file(tmp_path: Path, policy: str, body: str) -> Path:
-    path = tmp_path / f"{policy.replace('-', '_')}.py"
-    path.write_text(SLOW_PLUGIN.format(name="Misbehaving", policy=policy, body=body))
+def plugin_file(tmp_path: Path, body: str) -> Path:
+    """A plugin file registering policy 'sly' whose `select` runs `body` (not loaded: the command loads it)."""
+    path = tmp_path / "sly_policy.py"
+    path.write_text(PLUGIN.format(description="misbehaves", body=textwrap.indent(body, " " * 8)))
     return path
 
 
@@ -152,17 +134,17 @@ def plugin_file(tmp_path: Path, policy: str, body: str) -> Path:
 ])
 def test_a_plugin_that_exits_fails_the_command(tmp_path, body, says):
     db = scored_store(tmp_path)
-    plugin = plugin_file(tmp_path, "quitter", body)
-    run = run_cli("filter", "--plugin", str(plugin), "--policy", "quitter", "--dataset", "toy",
+    plugin = plugin_file(tmp_path, body)
+    run = run_cli("filter", "--plugin", str(plugin), "--policy", "sly", "--dataset", "toy",
                   "--db", str(db))
-    assert run.code == 1 and says in run.error and "'quitter'" in run.error
+    assert run.code == 1 and says in run.error and "'sly'" in run.error
     assert Store(db).sql("SELECT count(*) AS n FROM selections").n.iloc[0] == 0
 
 
 def test_a_plugin_raising_keyboardinterrupt_exits_130_with_a_line(tmp_path):
     db = scored_store(tmp_path)
-    plugin = plugin_file(tmp_path, "ctrl-c", "raise KeyboardInterrupt")
-    run = run_cli("filter", "--plugin", str(plugin), "--policy", "ctrl-c", "--dataset", "toy", "--db", str(db))
+    plugin = plugin_file(tmp_path, "raise KeyboardInterrupt")
+    run = run_cli("filter", "--plugin", str(plugin), "--policy", "sly", "--dataset", "toy", "--db", str(db))
     assert run.code == 130 and run.stderr.startswith("interrupted (KeyboardInterrupt): everything committed")
 
 
@@ -184,8 +166,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 60) -> No
 def test_a_signal_during_a_command_exits_128_plus_its_number_and_stores_nothing(tmp_path, signum, code):
     db = scored_store(tmp_path)
     started = tmp_path / "started"
-    plugin = plugin_file(tmp_path, "slow", f"Path({str(started)!r}).touch(); time.sleep(60)")
-    process = cli_process("filter", "--plugin", str(plugin), "--policy", "slow", "--dataset", "toy", "--db", str(db))
+    plugin = plugin_file(tmp_path, f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(60)")
+    process = cli_process("filter", "--plugin", str(plugin), "--policy", "sly", "--dataset", "toy", "--db", str(db))
     wait_for(started, process)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)

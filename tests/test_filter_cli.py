@@ -52,11 +52,16 @@ def template_db(tmp_path_factory) -> Path:
     return store.path
 
 
-@pytest.fixture
-def store(template_db, tmp_path) -> Store:
+def copy_of(template_db: Path, tmp_path: Path) -> Store:
+    """A private copy of a template store (its folder's files: the .wal too), for a test that writes to it."""
     for path in template_db.parent.iterdir():
         shutil.copy(path, tmp_path / path.name)
     return Store(tmp_path / template_db.name)
+
+
+@pytest.fixture
+def store(template_db, tmp_path) -> Store:
+    return copy_of(template_db, tmp_path)
 
 
 def invoke(*args: str):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import textwrap
 from pathlib import Path
@@ -23,6 +22,7 @@ from ches_curate.pairs import PreferencePair
 from ches_curate.policies import apply_policy
 from ches_curate.store import Store
 from ches_curate.terminal import printable
+from tests.test_filter_cli import copy_of
 from tests.test_policies import score_table
 
 MODEL_KEY = "tiny@sha256:0000/float32"
@@ -93,9 +93,7 @@ def sixty_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def sixty(sixty_db, tmp_path) -> Store:
-    for path in sixty_db.parent.iterdir():
-        shutil.copy(path, tmp_path / path.name)
-    return Store(tmp_path / sixty_db.name)
+    return copy_of(sixty_db, tmp_path)
 
 
 def filter_cli(store: Store, *args: str):

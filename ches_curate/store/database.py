@@ -572,20 +572,19 @@ class Store:
 
     def add_train_run(self, row: dict[str, Any]) -> int:
         """Append one `train_runs` row (keys: its columns but the id and time); returns its train_run_id."""
-        columns = [c for c in TRAIN_RUN_COLUMNS if c in row]
-        with self.transaction() as con:
-            return int(con.execute(
-                f"INSERT INTO train_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
-                "RETURNING train_run_id", [row[c] for c in columns],
-            ).fetchall()[0][0])
+        return self._append_run("train_runs", TRAIN_RUN_COLUMNS, "train_run_id", row)
 
     def record_probe_run(self, row: dict[str, Any]) -> int:
         """Append one `probe_runs` row (`ProbeRun.row()`: its columns but the id and time); returns its probe_run_id."""
-        columns = [c for c in PROBE_RUN_COLUMNS if c in row]
+        return self._append_run("probe_runs", PROBE_RUN_COLUMNS, "probe_run_id", row)
+
+    def _append_run(self, table: str, known: tuple[str, ...], id_column: str, row: dict[str, Any]) -> int:
+        """Insert the `known` columns `row` has into `table` in one transaction; the new row's `id_column`."""
+        columns = [c for c in known if c in row]
         with self.transaction() as con:
             return int(con.execute(
-                f"INSERT INTO probe_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
-                "RETURNING probe_run_id", [row[c] for c in columns],
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+                f"RETURNING {id_column}", [row[c] for c in columns],
             ).fetchall()[0][0])
 
     def selection(self, selection_id: int) -> pd.DataFrame:
