@@ -26,7 +26,7 @@ from ches_curate import plugins
 from ches_curate.configs import EvalConfig, ProbeConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import PreferencePair, Prompt
-from ches_curate.tokenization import encode_pair, encode_prompt, encode_response
+from ches_curate.tokenization import encode_pair, encode_prompt
 
 REFUSAL_PHRASES = (
     "i'm sorry", "i am sorry", "sorry, but", "i apologize", "my apologies",

@@ -101,3 +101,8 @@ def test_a_file_without_one_valid_pair_makes_no_version(tmp_path, store_path):
     store = Store(store_path)
     assert store.sql("SELECT count(*) AS n FROM datasets WHERE name = 'bad'").n.iloc[0] == 0
     assert run_cli("export", "--dataset", "bad", "-o", tmp_path / "out.jsonl", "--db", store_path).code == 1
+
+
+def test_a_query_error_that_mentions_a_checksum_is_not_taken_for_damage(store_path):
+    run = run_cli("sql", "SELECT checksum FROM pairs", "--db", store_path)
+    assert run.code == 1 and "Referenced column \"checksum\" not found" in run.error and "damaged" not in run.error

@@ -18,7 +18,9 @@ from ches_curate.errors import ChesCurateError
 
 HEADER_BYTES = 3 * 4096
 """DuckDB's file starts with a main header and two database headers of 4 KiB each, then the blocks."""
-DAMAGE_MARKERS = ("Corrupt database file", "Could not read enough bytes", "checksum", "database file is corrupted")
+DAMAGE_MARKERS = ("Corrupt database file", "Could not read enough bytes", "does not match stored checksum",
+                  "database file is corrupted")
+"""DuckDB's words for a damaged file; specific enough that a query naming a column `checksum` is not one."""
 STORE_TABLES = frozenset({"datasets", "pairs", "dataset_pairs", "models", "score_runs", "scores", "quarantine"})
 """Tables every ches_curate store has (migration 1): their presence without `schema_version` means damage."""
 
