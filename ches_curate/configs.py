@@ -41,6 +41,8 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_target_modules: str | list[str] = "all-linear"
     lr_scheduler_type: str = "linear"
+    optimizer: str = "adamw_torch"
+    """transformers' `optim` name: `adamw_torch`, or `rmsprop` (Razin et al.'s optimizer)."""
     seed: int = 0
     output_dir: str = "runs/dpo"
     save_model: bool = True
@@ -48,6 +50,52 @@ class TrainConfig:
     track_every: int = 0
     """Also record per-pair log-probabilities every N optimizer steps (0: before and after only)."""
     track_batch_size: int = 8
+
+
+DESIGNS = ("policies", "quantile-slices", "keep-lowest")
+"""Ablation designs: `policies` (full vs each policy vs same-size random controls), `quantile-slices`
+(Razin et al. Section 5: subsets centred on percentiles of each score) and `keep-lowest` (Section 6: the
+lowest fraction by ln-CHES vs the full set vs a random subset of the same size)."""
+
+PAPER_TRAIN = {
+    "quantile-slices": {"optimizer": "rmsprop", "learning_rate": 1e-7, "batch_size": 32, "beta": 0.1, "epochs": 1.0,
+                        "lr_scheduler_type": "constant"},
+    "keep-lowest": {"optimizer": "rmsprop", "learning_rate": 5e-6, "batch_size": 32, "beta": 0.1, "epochs": 1.0,
+                    "lr_scheduler_type": "constant"},
+}
+"""The paper's DPO settings per design (Razin et al., Sections 5 and 6): the defaults of `ablate --design`."""
+
+
+@dataclass
+class DesignConfig:
+    """What an ablation compares (`DESIGNS`); each design reads only its own fields."""
+
+    __pydantic_config__ = _STRICT
+
+    design: str = "policies"
+    score_columns: tuple[str, ...] = ("ches", "ln_ches", "-edit_distance", "last_hidden_ip")
+    """quantile-slices: the scores ranked (a leading `-` negates: -edit_distance puts the most similar pairs high)."""
+    percentiles: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    """quantile-slices: the percentile each slice is centred on."""
+    slice_size: int = 512
+    """quantile-slices: pairs per slice (the paper: 512)."""
+    keep_fraction: float = 0.05
+    """keep-lowest: the fraction kept (the paper: 5%)."""
+    keep_column: str = "ln_ches"
+    """keep-lowest: the score whose lowest values are kept."""
+
+    def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise ValueError(f"ablation design must be one of {', '.join(DESIGNS)}, not {self.design!r}")
+        if self.slice_size < 1:
+            raise ValueError(f"slice_size must be at least 1, not {self.slice_size}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], not {self.keep_fraction}")
+        bad = [p for p in self.percentiles if not 0 <= p <= 100]
+        if bad or not self.percentiles:
+            raise ValueError(f"percentiles must be in [0, 100], got {list(self.percentiles)}")
+        if not self.score_columns:
+            raise ValueError("quantile-slices needs at least one score column")
 
 
 @dataclass

@@ -190,7 +190,7 @@ def ablate(store: Store, name: str, version: int, scoring: ScoringSpec, policies
     loaded = load_model(scoring.model, scoring.device, scoring.dtype)
     return run_ablation(store, name, loaded, [(p.name, p.params) for p in policies], train_config(spec),
                         eval_prompts(spec.evaluate), spec.seeds, version=version,
-                        eval_config=spec.evaluate.generation)
+                        eval_config=spec.evaluate.generation, design=spec.design)
 
 
 def record_train_run(store: Store, dv: DatasetVersion, selection_id: int | None, model_key: str, result: Any,
@@ -213,9 +213,10 @@ def record_train_run(store: Store, dv: DatasetVersion, selection_id: int | None,
 
 
 def ablation_metadata(rows: pd.DataFrame) -> dict[str, Any]:
-    """An ablation's rows as JSON-ready metadata: its id and, per arm, the headline metrics."""
+    """An ablation's rows as JSON-ready metadata: its id and, per arm (and training seed), the headline metrics."""
     metrics = ("n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
                "refusal_rate_before", "refusal_rate_after", "train_loss", "reward_accuracy")
-    arms = {row["arm"]: {m: (None if pd.isna(row[m]) else float(row[m])) for m in metrics}
-            for row in rows.to_dict("records")}
+    seeded = "train_seed" in rows.columns and rows.train_seed.nunique() > 1
+    arms = {(f"{row['arm']} seed={row['train_seed']}" if seeded else row["arm"]):
+            {m: (None if pd.isna(row[m]) else float(row[m])) for m in metrics} for row in rows.to_dict("records")}
     return {"ablation_id": int(rows.ablation_id.iloc[0]) if len(rows) else None, "arms": arms}

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ches_curate.config_files import load_yaml_model
-from ches_curate.configs import EvalConfig, TrainConfig
+from ches_curate.configs import DesignConfig, EvalConfig, TrainConfig
 from ches_curate.scoring.config import ScoringConfig
 
 _SCORING = ScoringConfig()
@@ -93,15 +93,27 @@ class EvaluateSpec(_Section):
 
 
 class AblationSpec(_Section):
-    """The ablation arms: the full set, each policy's selection, and a same-size random control per seed."""
+    """The ablation arms: by default (design `policies`) the full set, each policy's selection, and a same-size
+    random control per seed; `design` switches to the paper's quantile slices or keep-lowest comparison."""
 
+    design: DesignConfig = Field(
+        default_factory=DesignConfig, description="What is compared: ches_curate.configs.DesignConfig (design: "
+        "policies, quantile-slices or keep-lowest; slice_size, percentiles, score_columns, keep_fraction, ...)."
+    )
     policies: list[PolicySpec] = Field(default_factory=list, description="Policies compared (default: `policy`).")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds of the random controls (one arm each).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds of the random controls (design "
+                             "policies) or the training seeds of every arm (quantile-slices, keep-lowest).")
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="DPO settings: ches_curate.configs.TrainConfig (beta, learning_rate, ...)."
     )
     output_dir: str = Field("runs/ablation", description="Checkpoints of the arms go under this directory.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @field_validator("design", mode="before")
+    @classmethod
+    def _design_by_name(cls, value: Any) -> Any:
+        """`design: keep-lowest` is short for `design: {design: keep-lowest}` (the design's other defaults)."""
+        return {"design": value} if isinstance(value, str) else value
 
     @field_validator("train", mode="before")
     @classmethod

@@ -213,6 +213,11 @@ def count_tokenization_mismatches(trl_train_dataset, pairs, tokenizer, max_lengt
 def _dpo_config(config: TrainConfig, policy):
     from trl import DPOConfig
 
+    from transformers.training_args import OptimizerNames
+
+    if config.optimizer not in {name.value for name in OptimizerNames}:
+        raise ChesCurateError(f"unknown optimizer {config.optimizer!r}; use adamw_torch, rmsprop or another name of "
+                              "transformers' OptimizerNames")
     on_cpu = next(policy.parameters()).device.type == "cpu"
     sft = config.sft_weight > 0
     with warnings.catch_warnings():
@@ -229,6 +234,7 @@ def _dpo_config(config: TrainConfig, policy):
             loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
             loss_weights=[1.0, config.sft_weight] if sft else None,
             lr_scheduler_type=config.lr_scheduler_type,
+            optim=config.optimizer,
             seed=config.seed,
             data_seed=config.seed,
             use_cpu=on_cpu,

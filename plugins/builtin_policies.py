@@ -1,14 +1,16 @@
-"""The built-in filter policies: top-k, percentile, length-normalized, threshold and random.
+"""The built-in filter policies: top-k, percentile, length-normalized, threshold, random and quantile-slice.
 
 Registered through the `register_filter_policies` hook, exactly as a third-party plugin
 would be; `ches_curate.plugins.DEFAULT_PLUGINS` names this module, so it is found
 without the package's entry-point metadata.
 Each ranks pairs by `score_column` (highest first; ties by pair_id) and removes from the
-top, except `random`, the ablation control.
+top, except `random`, the ablation control, and `quantile-slice`, which keeps a window of the
+ranking (Razin et al.'s Section 5 subsets).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from ches_curate.policies import (
     canonical_order,
     count_from_fraction,
     remove_highest,
+    removal_order,
     score_values,
 )
 
@@ -124,7 +127,29 @@ class Random(Policy):
         return SelectionResult.from_kept(scores, kept, params.score_column)
 
 
+class QuantileSlice(Policy):
+    name = "quantile-slice"
+    description = (
+        "Keep the n pairs centred on the p-th percentile of score_column (the pair at sorted position "
+        "p/100*(N-1), halves rounded up) and remove the rest: p=0 keeps the n lowest, p=100 the n highest "
+        "(Razin et al., Section 5: 512-pair slices at 0/25/50/75/100)."
+    )
+
+    class Params(PolicyParams):
+        percentile: float = Field(..., ge=0, le=100, description="Percentile the kept window is centred on.")
+        n: int = Field(..., ge=1, description="Pairs kept (all of them when there are fewer).")
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        ascending = removal_order(scores, params.score_column)[::-1]
+        n_keep = min(params.n, len(scores))
+        centre = math.floor(params.percentile / 100 * (len(scores) - 1) + 0.5)  # position, halves rounded up
+        start = min(max(centre - n_keep // 2, 0), len(scores) - n_keep)
+        kept = np.zeros(len(scores), dtype=bool)
+        kept[ascending[start:start + n_keep]] = True
+        return SelectionResult.from_kept(scores, kept, params.score_column)
+
+
 @hookimpl
 def register_filter_policies(register):
-    for policy in (TopK(), Percentile(), LengthNormalized(), Threshold(), Random()):
+    for policy in (TopK(), Percentile(), LengthNormalized(), Threshold(), Random(), QuantileSlice()):
         register(policy)

@@ -9,6 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from ches_curate.ablation import ABLATION_COLUMNS, plan_arms, run_ablation
+from ches_curate.configs import PAPER_TRAIN, DesignConfig
 from ches_curate.commands import train as train_commands
 from ches_curate.errors import ChesCurateError
 from ches_curate.evaluate import EvalConfig
@@ -19,7 +20,7 @@ from ches_curate.train import TrainConfig
 
 WORDS = ["sure", "sorry", "never", "bread", "fox", "yes", "lock", "dog"]
 N_PAIRS = 12
-METRICS = [c for c in ABLATION_COLUMNS if c not in ("policy", "selection_id")]
+METRICS = [c for c in ABLATION_COLUMNS if c not in ("policy", "selection_id", "score_column", "percentile")]
 
 
 def toy_pairs() -> list[PreferencePair]:
@@ -114,3 +115,78 @@ def test_policy_option_parsing():
     assert train_commands.parse_policy("random") == ("random", {})
     with pytest.raises(ChesCurateError, match="needs a policy name"):
         train_commands.parse_policy(":k=1")
+
+
+def test_quantile_slices_are_the_windows_of_each_ranking_trained_once_per_seed(store, llama):
+    scores = store.scores("toy", model_key=llama.key)
+    design = DesignConfig(design="quantile-slices", score_columns=("ches", "-edit_distance"),
+                          percentiles=(0, 50, 100), slice_size=4)
+    runs = plan_arms(store, "toy", 1, llama.key, [], seeds=(0, 1), design=design)
+
+    assert len(runs) == 2 * 3 * 2 and all(len(r.pair_ids) == 4 for r in runs)
+    assert [(r.score_column, r.percentile, r.train_seed) for r in runs[:6]] == [
+        ("ches", 0.0, 0), ("ches", 0.0, 1), ("ches", 50.0, 0), ("ches", 50.0, 1), ("ches", 100.0, 0), ("ches", 100.0, 1)]
+    by = {(r.score_column, r.percentile): set(r.pair_ids) for r in runs}
+    ranked = scores.sort_values("ches").pair_id.tolist()  # 12 pairs: p=50 is centred on position round(5.5) = 6
+    assert by["ches", 0.0] == set(ranked[:4]) and by["ches", 100.0] == set(ranked[-4:])
+    assert by["ches", 50.0] == set(ranked[4:8])
+    most_similar = set(scores.sort_values(["edit_distance", "pair_id"]).pair_id[:4])
+    assert by["-edit_distance", 100.0] == most_similar
+    assert runs[0].name == "quantile-slice(n=4,percentile=0.0,score_column=ches)"
+
+
+def test_keep_lowest_trains_full_lowest_fraction_and_a_same_size_random_subset_per_seed(store, llama):
+    scores = store.scores("toy", model_key=llama.key)
+    design = DesignConfig(design="keep-lowest", keep_fraction=0.25)
+    runs = plan_arms(store, "toy", 1, llama.key, [], seeds=(0, 1), design=design)
+
+    assert [(r.name, r.train_seed, len(r.pair_ids)) for r in runs] == [
+        ("full", 0, 12), ("length-normalized(fraction=0.25,score_column=ln_ches)", 0, 3), ("random(n=9,seed=0)", 0, 3),
+        ("full", 1, 12), ("length-normalized(fraction=0.25,score_column=ln_ches)", 1, 3), ("random(n=9,seed=1)", 1, 3)]
+    assert set(runs[1].pair_ids) == set(scores.nsmallest(3, "ln_ches").pair_id)
+    assert set(runs[2].pair_ids) != set(runs[5].pair_ids)
+
+
+def test_a_design_writes_one_row_per_arm_and_seed_with_its_slice(store, llama, tmp_path):
+    design = DesignConfig(design="quantile-slices", score_columns=("ches",), percentiles=(0, 100), slice_size=4)
+    config = TrainConfig(learning_rate=1e-3, batch_size=2, save_model=False, output_dir=str(tmp_path / "runs"))
+    run_ablation(store, "toy", llama, [], config, seeds=(0, 1), design=design)
+
+    rows = store.sql("SELECT design, train_seed, score_column, percentile, n_train_pairs, "
+                     "config->'$.train.seed' AS config_seed FROM ablations ORDER BY percentile, train_seed")
+    assert rows.values.tolist() == [["quantile-slices", 0, "ches", 0.0, 4, "0"], ["quantile-slices", 1, "ches", 0.0, 4, "1"],
+                                    ["quantile-slices", 0, "ches", 100.0, 4, "0"], ["quantile-slices", 1, "ches", 100.0, 4, "1"]]
+    per_pair = store.sql("SELECT arm, train_seed, count(*) AS n FROM pair_likelihoods GROUP BY ALL ORDER BY ALL")
+    assert per_pair.n.tolist() == [4, 4, 4, 4] and per_pair.train_seed.tolist() == [0, 1, 0, 1]
+    seeds = store.sql("SELECT train_seed, preferred_logp_change FROM ablations WHERE percentile = 0 ORDER BY train_seed")
+    assert seeds.preferred_logp_change.nunique() == 2, "two seeds, two data orders, two results"
+
+
+def test_ablate_design_takes_the_papers_settings_unless_an_option_overrides_them(store, tiny_llama_dir, tmp_path,
+                                                                                   monkeypatch):
+    seen = {}
+
+    def fake_run(store, dataset, model, policies, config, prompts, seeds, **kwargs):
+        seen.update(config=config, seeds=list(seeds), design=kwargs["design"])
+        return pd.DataFrame([{c: 0 for c in ABLATION_COLUMNS} | {"ablation_id": 1, "arm": "a"}])
+
+    monkeypatch.setattr("ches_curate.ablation.run_ablation", fake_run)
+    app = typer.Typer()
+    train_commands.register(app)
+    args = ["ablate", "--dataset", "toy", "--design", "quantile-slices", "--slice-size", "64", "--seed", "0",
+            "--seed", "2", "--score-column", "ln_ches", "--db", str(store.path), "--lr", "1e-3"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    config, design = seen["config"], seen["design"]
+    paper = PAPER_TRAIN["quantile-slices"]
+    assert (config.optimizer, config.batch_size, config.lr_scheduler_type) == (
+        paper["optimizer"], paper["batch_size"], paper["lr_scheduler_type"])
+    assert config.learning_rate == 1e-3  # given on the command line
+    assert (design.design, design.slice_size, design.score_columns, seen["seeds"]) == (
+        "quantile-slices", 64, ("ln_ches",), [0, 2])
+
+    result = CliRunner().invoke(app, ["ablate", "--dataset", "toy", "--design", "keep-lowest", "--policy", "top-k:k=1",
+                                      "--db", str(store.path)])
+    assert result.exit_code == 2 and "--policy is for --design policies" in result.output
+    result = CliRunner().invoke(app, ["ablate", "--dataset", "toy", "--design", "slices", "--db", str(store.path)])
+    assert result.exit_code == 2 and "ablation design must be one of" in result.output

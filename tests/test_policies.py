@@ -11,7 +11,7 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS
 from ches_curate.policies import apply_policy, available_policies
 
-BUILTINS = ["length-normalized", "percentile", "random", "threshold", "top-k"]
+BUILTINS = ["length-normalized", "percentile", "quantile-slice", "random", "threshold", "top-k"]
 
 
 def score_table(ches, pair_ids=None, **columns) -> pd.DataFrame:
@@ -136,6 +136,7 @@ def test_random_removes_n_pairs_reproducibly_from_a_pair_id_order():
         ("length-normalized", {"n": 4}),
         ("threshold", {"value": 1.0}),
         ("random", {"n": 3, "seed": 1}),
+        ("quantile-slice", {"percentile": 50, "n": 3}),
     ],
 )
 def test_selection_does_not_depend_on_row_order(policy, params):
@@ -150,10 +151,31 @@ def test_selection_does_not_depend_on_row_order(policy, params):
 def test_every_builtin_ranks_removed_pairs_first():
     scores = score_table([0.3, 2.0, 1.0, 5.0, 4.0, 0.1])
     for policy, params in [("top-k", {"k": 2}), ("percentile", {"p": 50}), ("length-normalized", {"n": 2}),
-                           ("threshold", {"value": 1.5}), ("random", {"n": 2})]:
+                           ("threshold", {"value": 1.5}), ("random", {"n": 2}),
+                           ("quantile-slice", {"percentile": 50, "n": 2})]:
         result = apply_policy(scores, policy, params)
         assert sorted(result.frame["rank"]) == list(range(1, 7))
         assert set(result.frame.loc[result.frame["rank"] <= result.n_removed, "pair_id"]) == removed(result), policy
+
+
+@pytest.mark.parametrize(("percentile", "n", "kept"), [
+    (0, 3, {"p00", "p01", "p02"}),      # the 3 lowest
+    (100, 3, {"p07", "p08", "p09"}),    # the 3 highest
+    (50, 3, {"p04", "p05", "p06"}),     # centred on position 4.5, rounded up to 5
+    (50, 4, {"p03", "p04", "p05", "p06"}),  # an even window starts n/2 before the centre
+    (25, 1, {"p02"}),                   # position round(2.25) = 2
+    (100, 20, {f"p{i:02d}" for i in range(10)}),  # more than there are: all of them
+])
+def test_quantile_slice_keeps_the_window_centred_on_the_percentile(percentile, n, kept):
+    scores = score_table([float(i) for i in range(10)]).sample(frac=1.0, random_state=0)  # p0i scores i
+    result = apply_policy(scores, "quantile-slice", {"percentile": percentile, "n": n})
+    assert set(result.frame.loc[result.frame["kept"], "pair_id"]) == kept
+
+
+def test_quantile_slice_ranks_by_the_negated_column_with_a_minus():
+    scores = score_table([0.0] * 6, edit_distance=[5.0, 0.0, 4.0, 1.0, 3.0, 2.0])
+    result = apply_policy(scores, "quantile-slice", {"percentile": 100, "n": 2, "score_column": "-edit_distance"})
+    assert set(result.frame.loc[result.frame["kept"], "pair_id"]) == {"p01", "p03"}  # the two smallest distances
 
 
 def test_nan_scores_are_rejected_naming_the_count_and_first_pairs():

@@ -77,7 +77,7 @@ def columns_of(con, name: str) -> list[str]:
 
 def test_new_store_has_every_contract_table_and_column(tmp_path):
     store = Store(tmp_path / "s.duckdb")
-    assert store.schema_version() == migrations.LATEST_VERSION == 7
+    assert store.schema_version() == migrations.LATEST_VERSION == 8
     with store.connect(read_only=True) as con:
         for table, expected in CONTRACT_COLUMNS.items():
             assert columns_of(con, table) == expected.split(), table
@@ -107,11 +107,11 @@ def test_old_database_is_migrated_to_latest_keeping_its_data(tmp_path):
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert store.latest_version("old").version == 1
     assert store.sql("SELECT count(*) AS n FROM selections").n.iloc[0] == 0
     assert store.sql("SELECT count(*) AS n FROM score_summary").n.iloc[0] == 0
-    assert Store(path).schema_version() == 7  # reopening applies nothing twice
+    assert Store(path).schema_version() == 8  # reopening applies nothing twice
 
 
 def key_constraints(store: Store) -> list[str]:
@@ -135,7 +135,7 @@ def test_migration_4_drops_the_in_memory_keys_of_pairs_and_scores_keeping_their_
     con.close()
 
     store = Store(path)
-    assert store.schema_version() == 7 and key_constraints(store) == []
+    assert store.schema_version() == 8 and key_constraints(store) == []
     with store.connect(read_only=True) as con:
         before["scores"] = [(*row, "1") for row in before["scores"]]  # migration 5: scored under tokenization 1
         assert {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables} == before
@@ -159,7 +159,7 @@ def test_a_version_4_store_keeps_its_scores_as_tokenization_1_and_rescoring_repl
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert store.sql("SELECT DISTINCT tokenization_version AS v FROM scores").v.tolist() == ["1"]
     assert store.sql("SELECT tokenization_version, n_scored FROM score_summary").values.tolist() == [["1", 4]]
     # Old scores are kept but never read as current: every pair is offered for scoring again.
@@ -208,7 +208,7 @@ def test_a_store_that_got_migration_6_before_5_gets_5_on_open(tmp_path):
     con.execute("INSERT INTO schema_version (version) VALUES (6)")
     con.close()
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     with store.connect(read_only=True) as con:
         assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
 

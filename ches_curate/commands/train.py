@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ches_curate.commands import options, tables
-from ches_curate.configs import ProbeConfig, TrainConfig
+from ches_curate.configs import PAPER_TRAIN, DesignConfig, ProbeConfig, TrainConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
@@ -19,10 +19,13 @@ console = Console()
 
 _DEFAULTS = TrainConfig()
 _PROBE = ProbeConfig()
+_DESIGN = DesignConfig()
 
 # Options shared by `train` and `ablate`, declared once.
 BETA = typer.Option(_DEFAULTS.beta, "--beta", min=0.0, help="DPO beta (the implicit reward is beta * log pi/pi_ref).")
-LEARNING_RATE = typer.Option(_DEFAULTS.learning_rate, "--lr", min=0.0, help="AdamW learning rate.")
+LEARNING_RATE = typer.Option(_DEFAULTS.learning_rate, "--lr", min=0.0, help="Learning rate.")
+OPTIMIZER = typer.Option(_DEFAULTS.optimizer, "--optimizer", help="transformers optimizer name: adamw_torch, or rmsprop "
+                         "(the paper's).")
 EPOCHS = typer.Option(_DEFAULTS.epochs, "--epochs", min=0.0, help="Passes over the training pairs.")
 MAX_STEPS = typer.Option(_DEFAULTS.max_steps, "--max-steps", help="Optimizer steps; overrides --epochs when > 0.")
 BATCH_SIZE = typer.Option(_DEFAULTS.batch_size, "--batch-size", min=1, help="Pairs per step on each device.")
@@ -48,10 +51,10 @@ def train(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on the first N pairs only (a quick check)."),
     model: options.Model = "default",
     output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Where the trained model is saved."),
-    beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
-    batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
-    sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
-    track_every: int = TRACK_EVERY,
+    beta: float = BETA, lr: float = LEARNING_RATE, optimizer: str = OPTIMIZER, epochs: float = EPOCHS,
+    max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM,
+    max_length: Optional[int] = MAX_LENGTH, sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED,
+    save: bool = SAVE, track_every: int = TRACK_EVERY,
     db: options.Db = None,
 ) -> None:
     """DPO-train MODEL on a stored dataset (or a selection of it), report likelihood displacement and record the
@@ -62,7 +65,7 @@ def train(
     from ches_curate.train import train_dpo
 
     config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
-                           train_seed, output_dir, save, track_every)
+                           train_seed, output_dir, save, track_every, optimizer=optimizer)
     store = Store(db, create=False)
     dv = store.dataset_version(dataset, version)
     pairs = list(islice(store.dataset_pairs(dv.name, dv.version, selection_id=selection, distinct=True), limit))
@@ -190,23 +193,42 @@ def ablate(
     version: options.Version = None,
     model: options.Model = "default",
     policy: list[str] = typer.Option(
-        [], "--policy", help="Policy arm as NAME or NAME:param=value,... e.g. 'percentile:p=90' (repeatable)."
+        [], "--policy", help="Policy arm as NAME or NAME:param=value,... e.g. 'percentile:p=90' (repeatable; "
+        "design policies)."
+    ctx: typer.Context,
     ),
-    seed: list[int] = typer.Option([0], "--seed", help="Seed of a random control arm per policy (repeatable)."),
+    seed: list[int] = typer.Option([0], "--seed", help="policies: seed of a random control arm per policy; the "
+                                   "paper designs: training seeds, each arm trained once per seed (repeatable)."),
+    score_column: list[str] = typer.Option(list(_DESIGN.score_columns), "--score-column", help="quantile-slices: "
+                                           "scores to slice by (repeatable; a leading '-' negates)."),
+    percentile: list[float] = typer.Option(list(_DESIGN.percentiles), "--percentile", min=0, max=100,
+                                           help="quantile-slices: percentiles the slices are centred on (repeatable)."),
+    slice_size: int = typer.Option(_DESIGN.slice_size, "--slice-size", min=1, help="quantile-slices: pairs per slice."),
+    keep_fraction: float = typer.Option(_DESIGN.keep_fraction, "--keep-fraction", min=0.0, max=1.0,
+                                        help="keep-lowest: fraction of pairs kept."),
+    keep_column: str = typer.Option(_DESIGN.keep_column, "--keep-column", help="keep-lowest: score whose lowest "
+                                    "values are kept."),
     eval_dataset: Optional[str] = typer.Option(
+    design: str = typer.Option(
+        _DESIGN.design, "--design", help="policies: full vs each --policy vs same-size random controls; "
+        "quantile-slices: subsets centred on percentiles of each score (Razin et al., Sec. 5, Fig. 2); keep-lowest: "
+        "the lowest --keep-fraction by ln-CHES vs full vs random (Sec. 6). The paper designs default to the paper's "
+        "DPO settings (RMSProp, batch 32, lr 1e-7 / 5e-6, constant schedule); options given override them."),
         None, "--eval-dataset", help="Stored dataset whose first human turns are the held-out refusal prompts."
     ),
     n_eval: int = typer.Option(32, "--n-eval", min=1, help="Number of refusal prompts."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Greedy tokens generated per prompt."),
     output_dir: Path = typer.Option(Path(_DEFAULTS.output_dir), "--output-dir", help="Checkpoints go under here."),
-    beta: float = BETA, lr: float = LEARNING_RATE, epochs: float = EPOCHS, max_steps: int = MAX_STEPS,
-    batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM, max_length: Optional[int] = MAX_LENGTH,
-    sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED, save: bool = SAVE,
+    beta: float = BETA, lr: float = LEARNING_RATE, optimizer: str = OPTIMIZER, epochs: float = EPOCHS,
+    max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE, grad_accum: int = GRAD_ACCUM,
+    max_length: Optional[int] = MAX_LENGTH, sft_weight: float = SFT_WEIGHT, lora: bool = LORA, train_seed: int = SEED,
+    save: bool = SAVE,
     db: options.Db = None,
 ) -> None:
-    """Train from the same start on the full set, each policy's selection and a same-size random control.
+    """Train from the same start on the arms of a design and compare likelihood displacement (and refusal rates).
 
-    Writes one `ablations` row per arm and per-pair `pair_likelihoods` to the store.
+    Writes one `ablations` row per arm and training seed, and per-pair `pair_likelihoods`, to the store;
+    `ches-curate report` draws the quantile-slices design as the paper's Figure 2.
     """
     from ches_curate.ablation import run_ablation
     from ches_curate.configs import EvalConfig
@@ -215,27 +237,54 @@ def ablate(
 
     policies = [parse_policy(item) for item in policy]
     config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
-                           train_seed, output_dir, save)
+                           train_seed, output_dir, save, optimizer=optimizer)
+    config = with_design_defaults(ctx, config, design)
     store = Store(db, create=False)
     prompts = harmful_prompts(list(store.dataset_pairs(eval_dataset)), n_eval) if eval_dataset else []
+    try:
+        plan = DesignConfig(design=design, score_columns=tuple(score_column), percentiles=tuple(percentile),
+                            slice_size=slice_size, keep_fraction=keep_fraction, keep_column=keep_column)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--design") from None
+    if policy and design != "policies":
+        raise typer.BadParameter(f"--policy is for --design policies, not {design}", param_hint="--policy")
     if not prompts:
         console.print("no --eval-dataset: refusal rates are left empty")
     rows = run_ablation(store, dataset, model, policies, config, prompts, seed, version=version,
-                        eval_config=EvalConfig(max_new_tokens=max_new_tokens))
-    columns = ("arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction", "ches_logp_corr",
-               "refusal_rate_before", "refusal_rate_after", "reward_accuracy", "wall_time_s")
+                        eval_config=EvalConfig(max_new_tokens=max_new_tokens), design=plan)
+    columns = ("arm", "train_seed", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction",
+               "ches_logp_corr", "refusal_rate_before", "refusal_rate_after", "reward_accuracy", "wall_time_s")
     headers = [tables.Column(c.replace("_", " "), numeric=c != "arm") for c in columns]
     tables.print_table(console, headers, [[tables.cell(getattr(row, c)) for c in columns] for row in rows.itertuples()],
-                       title=f"ablation {rows.ablation_id.iloc[0]} (table `ablations`)")
+                       title=f"ablation {rows.ablation_id.iloc[0]} ({design}; table `ablations`)")
+
+
+_OPTION_OF_FIELD = {"optimizer": "optimizer", "learning_rate": "lr", "batch_size": "batch_size", "beta": "beta",
+                    "epochs": "epochs", "lr_scheduler_type": None}
+
+
+def with_design_defaults(ctx: typer.Context, config: TrainConfig, design: str) -> TrainConfig:
+    """`config` with the paper's settings of `design` (`PAPER_TRAIN`) where the user gave no option."""
+    import dataclasses
+
+    def given(option: str | None) -> bool:
+        # Compared by name: typer vendors its own click, whose ParameterSource is not click's.
+        source = ctx.get_parameter_source(option) if option is not None else None
+        return source is not None and source.name != "DEFAULT"
+
+    paper = {field: value for field, value in PAPER_TRAIN.get(design, {}).items()
+             if not given(_OPTION_OF_FIELD[field])}
+    return dataclasses.replace(config, **paper)
 
 
 def _train_config(beta: float, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
                   max_length: int | None, sft_weight: float, lora: bool, seed: int, output_dir: Path, save: bool,
-                  track_every: int = _DEFAULTS.track_every) -> TrainConfig:
+                  track_every: int = _DEFAULTS.track_every, optimizer: str = _DEFAULTS.optimizer) -> TrainConfig:
     """The `TrainConfig` the options of `train` and `ablate` (declared once, above) describe."""
     return TrainConfig(beta=beta, learning_rate=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                        gradient_accumulation=grad_accum, max_length=max_length, sft_weight=sft_weight, lora=lora,
-                       seed=seed, output_dir=str(output_dir), save_model=save, track_every=track_every)
+                       seed=seed, output_dir=str(output_dir), save_model=save, track_every=track_every,
+                       optimizer=optimizer)
 
 
 def parse_policy(item: str) -> tuple[str, dict[str, str]]:

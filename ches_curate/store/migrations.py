@@ -219,9 +219,27 @@ PROBE_RUNS = Migration(
     ),
 )
 
+# The paper's ablation designs (`ches_curate.configs.DESIGNS`) train each arm under several seeds and
+# slice by a score at a percentile, so a row says which. Rows written before are design `policies`
+# and take their training seed from their config.
+ABLATION_DESIGNS = Migration(
+    8,
+    "ablations.design, train_seed, score_column, percentile; pair_likelihoods.train_seed",
+    (
+        "ALTER TABLE ablations ADD COLUMN design VARCHAR DEFAULT 'policies'",
+        "ALTER TABLE ablations ADD COLUMN train_seed INTEGER",
+        "UPDATE ablations SET train_seed = coalesce(TRY_CAST(json_extract_string(config, '$.train.seed') AS INTEGER), 0)",
+        "ALTER TABLE ablations ADD COLUMN score_column VARCHAR",
+        "ALTER TABLE ablations ADD COLUMN percentile DOUBLE",
+        "ALTER TABLE pair_likelihoods ADD COLUMN train_seed INTEGER",
+        "UPDATE pair_likelihoods pl SET train_seed = a.train_seed FROM ablations a "
+        "WHERE a.ablation_id = pl.ablation_id AND a.arm = pl.arm",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, TOKENIZATION_VERSION_OF_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS,
-    PROBE_RUNS,
+    PROBE_RUNS, ABLATION_DESIGNS,
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
