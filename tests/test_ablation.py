@@ -190,3 +190,18 @@ def test_ablate_design_takes_the_papers_settings_unless_an_option_overrides_them
     assert result.exit_code == 2 and "--policy is for --design policies" in result.output
     result = CliRunner().invoke(app, ["ablate", "--dataset", "toy", "--design", "slices", "--db", str(store.path)])
     assert result.exit_code == 2 and "ablation design must be one of" in result.output
+
+
+def test_a_pipeline_config_names_a_design_by_name_or_in_full():
+    from pydantic import ValidationError
+
+    from ches_curate.pipeline_config import AblationSpec
+
+    assert AblationSpec.model_validate({"design": "keep-lowest"}).design == DesignConfig(design="keep-lowest")
+    spec = AblationSpec.model_validate({"design": {"design": "quantile-slices", "slice_size": 64}})
+    assert (spec.design.design, spec.design.slice_size, spec.design.percentiles) == (
+        "quantile-slices", 64, (0.0, 25.0, 50.0, 75.0, 100.0))
+    with pytest.raises(ValidationError, match="ablation design must be one of policies, quantile-slices, keep-lowest"):
+        AblationSpec.model_validate({"design": "slices"})
+    with pytest.raises(ValidationError, match="design.bogus"):
+        AblationSpec.model_validate({"design": {"design": "keep-lowest", "bogus": 1}})
