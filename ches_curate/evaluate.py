@@ -146,8 +146,8 @@ class ProbeRun:
     probabilities). `p_plus_min`/`p_plus_min_step` track P(y+) over the run (step 0 = start;
     `paper` mode only). `loss_monotone`: the loss fell at every step (the paper reports only such
     runs). `single_token_ches` = <W+, W-> - ||W+||^2 over unembedding rows; `hidden_norm_sq` = ||h||^2
-    of the prompt's last hidden state. `risers`: the observed top gainers among tokens with
-    p_before or p_after >= `min_prob`; `predicted`: the top tokens by <W_z, W+ - W->;
+    of the prompt's last hidden state. `risers`: the observed top gainers (`observed_risers`: tokens
+    whose probability rose, y+ and y- aside; empty when none did); `predicted`: the top tokens by <W_z, W+ - W->;
     `predicted_change`: the top tokens by the first-order predicted probability change.
     """
 
@@ -296,14 +296,13 @@ def _run(model, prompt, texts, ids, config: ProbeConfig, before, after, *, start
     w_plus, w_minus = unembedding[y_plus], unembedding[y_minus]
     table = _token_table(before, after, unembedding @ (w_plus - w_minus),
                          _first_order_change(before, unembedding, hidden, ids, config), exclude=ids)
-    common = table[(table.prob_before >= config.min_prob) | (table.prob_after >= config.min_prob)]
     watch_ids = [i for i in (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in config.watch) if i in table.index]
     return ProbeRun(
         model_key=model.key, prompt=prompt if isinstance(prompt, str) else json.dumps(prompt), preferred=texts[0],
         dispreferred=texts[1], learning_rate=config.learning_rate, steps=config.steps,
         p_plus_before=p_plus[0], p_plus_after=p_plus[1], p_minus_before=p_minus[0], p_minus_after=p_minus[1],
         single_token_ches=float(w_plus @ w_minus - w_plus @ w_plus), hidden_norm_sq=float(hidden @ hidden),
-        risers=_with_tokens(tokenizer, common.nlargest(config.top_k, "prob_change")),
+        risers=_with_tokens(tokenizer, observed_risers(table, config.min_prob, config.top_k)),
         predicted=_with_tokens(tokenizer, table.nsmallest(config.top_k, "prediction_rank")),
         predicted_change=_with_tokens(tokenizer, table.nlargest(config.top_k, "predicted_change")),
         watched=_with_tokens(tokenizer, table.loc[watch_ids]), wall_time_s=time.perf_counter() - started, **fields,
@@ -376,6 +375,17 @@ def _token_table(before: torch.Tensor, after: torch.Tensor, prediction: torch.Te
     table["rise_rank"] = table["prob_change"].rank(ascending=False, method="first").astype(int)
     table["prediction_rank"] = table["prediction"].rank(ascending=False, method="first").astype(int)
     return table
+
+
+def observed_risers(table: pd.DataFrame, min_prob: float, top_k: int) -> pd.DataFrame:
+    """The `top_k` rows of `_token_table` whose probability rose most (prob_after > prob_before), among tokens with
+    prob_before or prob_after >= `min_prob`; empty when no such token rose.
+
+    The table already leaves y+ and y- out. At learning rates from about 1e-6 up every other token can fall,
+    and the largest change is then the smallest fall: that is no gainer, so it is not listed.
+    """
+    common = (table.prob_before >= min_prob) | (table.prob_after >= min_prob)
+    return table[common & (table.prob_after > table.prob_before)].nlargest(top_k, "prob_change")
 
 
 def _with_tokens(tokenizer, frame: pd.DataFrame) -> pd.DataFrame:

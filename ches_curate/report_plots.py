@@ -141,9 +141,9 @@ def _symlog_if_spread(ax, which: str, values: np.ndarray) -> str:
     return " (symmetric log)"
 
 
-def _legend_above(ax) -> None:
-    """The legend in one row above the axes, where it cannot cover a bar or a point."""
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, fontsize="small", frameon=False)
+def _legend_above(ax, ncol: int = 3) -> None:
+    """The legend in rows of `ncol` above the axes, where it cannot cover a bar or a point."""
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=ncol, fontsize="small", frameon=False)
 
 
 def ln_ches_vs_edit_distance(edit_distance: Sequence[float], ln_ches: Sequence[float],
@@ -166,21 +166,83 @@ def ln_ches_vs_edit_distance(edit_distance: Sequence[float], ln_ches: Sequence[f
     return png_data_uri(fig)
 
 
-def grouped_bars(arms: Sequence[str], series: dict[str, Sequence[float]], ylabel: str) -> str:
-    """One group of bars per arm, one bar per named series (NaN bars are left out), with a zero line."""
+@dataclass(frozen=True)
+class SeedSpread:
+    """A quantity at each of several x (arms, percentiles) over training seeds: its mean, min and max at each x
+    (NaN where no seed has a value) and, per x, each seed's value."""
+
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    values: Sequence[Sequence[float]]
+
+    def has_spread(self) -> bool:
+        """Whether some x has more than one seed's value (else there is no spread to draw)."""
+        return any(len(v) > 1 for v in self.values)
+
+
+def _seed_points(ax, x: np.ndarray, spread: SeedSpread, color: str) -> None:
+    """Each seed's value as a small dot at its x, where an x has several seeds."""
+    xs = [xi for xi, values in zip(x, spread.values) if len(values) > 1 for _ in values]
+    ys = [v for values in spread.values if len(values) > 1 for v in values]
+    ax.scatter(xs, ys, s=12, color=color, edgecolors="black", linewidths=0.4, zorder=3)
+
+
+def grouped_bars(arms: Sequence[str], series: dict[str, SeedSpread], ylabel: str) -> str:
+    """One group of bars per arm, one bar per named series at its mean over training seeds (NaN bars are left out),
+    with a zero line; where an arm has several seeds, a min-max whisker and a dot per seed."""
     fig = Figure(figsize=(6.4, 3.4))
     ax = fig.subplots()
     positions = np.arange(len(arms))
     width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
-        values = np.asarray(values, dtype=np.float64)
-        finite = np.isfinite(values)
+    for i, (name, spread) in enumerate(series.items()):
+        color = ARM_COLORS[i % len(ARM_COLORS)]
+        finite = np.isfinite(spread.mean)
         offsets = positions - 0.4 + width * (i + 0.5)
-        ax.bar(offsets[finite], values[finite], width, label=name, color=ARM_COLORS[i % len(ARM_COLORS)])
+        ax.bar(offsets[finite], spread.mean[finite], width, label=name, color=color)
+        several = finite & np.array([len(v) > 1 for v in spread.values], dtype=bool)
+        if several.any():
+            whiskers = np.array([spread.mean - spread.low, spread.high - spread.mean])[:, several]
+            ax.errorbar(offsets[several], spread.mean[several], yerr=whiskers, fmt="none", ecolor="black",
+                        elinewidth=1, capsize=3)
+            _seed_points(ax, offsets, spread, color)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, [str(a) for a in arms], rotation=20 if len(arms) > 4 else 0)
+    labels = [str(a) for a in arms]
+    if len(arms) > 4 or max(map(len, labels), default=0) > 16:  # long arm labels overlap unless tilted
+        ax.set_xticks(positions, labels, rotation=20, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(positions, labels)
     ax.set_ylabel(ylabel)
-    ax.legend(loc="best", fontsize="small")
+    _legend_above(ax)
+    return png_data_uri(fig)
+
+
+def quantile_slice_curves(lines: dict[str, tuple[Sequence[float], SeedSpread]], ylabel: str) -> str:
+    """Razin et al.'s Figure 2: per score (one line each), a quantity of the slice centred on each percentile (x).
+
+    Each line joins the means over training seeds; a band spans their min to max and a dot marks
+    each seed. A score that identifies displacing pairs orders the slices: the high-percentile
+    slices lose the most preferred log-probability.
+    """
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    ticks: set[float] = set()
+    for i, (label, (percentiles, spread)) in enumerate(lines.items()):
+        color = ARM_COLORS[i % len(ARM_COLORS)]
+        x = np.asarray(percentiles, dtype=np.float64)
+        order = np.argsort(x)
+        x, mean, low, high = x[order], spread.mean[order], spread.low[order], spread.high[order]
+        finite = np.isfinite(mean)
+        ax.plot(x[finite], mean[finite], marker="o", color=color, label=label)
+        if spread.has_spread():
+            ax.fill_between(x[finite], low[finite], high[finite], color=color, alpha=0.15, linewidth=0)
+            _seed_points(ax, np.asarray(percentiles, dtype=np.float64), spread, color)
+        ticks.update(x[np.isfinite(x)].tolist())
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(sorted(ticks))
+    ax.set_xlabel("percentile of the score the slice is centred on")
+    ax.set_ylabel(ylabel)
+    _legend_above(ax, ncol=2)
     return png_data_uri(fig)
 
 

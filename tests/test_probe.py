@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import replace
@@ -9,10 +10,18 @@ from dataclasses import replace
 import pytest
 import torch
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from ches_curate.commands import train as train_commands
-from ches_curate.evaluate import ProbeConfig, probe_sweep, run_probe, single_token_dpo_loss
+from ches_curate.evaluate import (
+    ProbeConfig,
+    _token_table,
+    observed_risers,
+    probe_sweep,
+    run_probe,
+    single_token_dpo_loss,
+)
 from ches_curate.store import Store
 from ches_curate.tokenization import encode_prompt
 from ches_curate.train import clone_model
@@ -89,7 +98,9 @@ def test_displacement_is_flagged_when_the_preferred_token_loses_probability(llam
     runs = probe_sweep(llama, PROMPT, "No", "yes", ProbeConfig(steps=3, seeds=(0,)), learning_rates=(1e-3, 0.05))
     for run in runs:
         assert run.displaced == (run.p_plus_after < run.p_plus_before)
-        assert json.loads(run.row()["top_gainers"])[0]["token_id"] == run.risers.token_id.iloc[0]
+        gainers = json.loads(run.row()["top_gainers"])
+        assert [g["token_id"] for g in gainers] == run.risers.token_id.tolist()
+        assert all(g["prob_after"] > g["prob_before"] for g in gainers), "a stored gainer's probability rose"
 
 
 def test_sweep_has_one_run_per_learning_rate_seed_and_leading_space(llama):
@@ -121,3 +132,41 @@ def test_probe_command_sweeps_and_records(tiny_llama_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "probe sweep" in result.output and "recorded as probe runs 1..4" in result.output
     assert Store(db).sql("SELECT count(*) AS n FROM probe_runs").n.iloc[0] == 4
+
+
+def test_observed_gainers_are_only_tokens_whose_probability_rose():
+    y_plus, y_minus = 0, 1
+    before = torch.log_softmax(torch.tensor([0.0, 0.0, 1.0, 0.5, 0.2, -12.0], dtype=torch.float64), 0)
+    flat = torch.zeros(6, dtype=torch.float64)
+    # y+ takes mass from every other token: the largest change (token 5's, the least fall) is no gain.
+    after = torch.log_softmax(torch.tensor([3.0, -1.0, 1.0, 0.5, 0.2, -12.0], dtype=torch.float64), 0)
+    table = _token_table(before, after, flat, flat, exclude=(y_plus, y_minus))
+    assert (table.prob_change < 0).all() and table.prob_change.idxmax() == 5
+    assert observed_risers(table, 1e-3, 5).empty
+    # Tokens 3 and 5 rise; token 5 (p about 1e-5) stays below min_prob; y+ rises most but is no "other" token.
+    after = torch.log_softmax(torch.tensor([2.0, -1.0, 0.5, 1.5, 0.0, -11.0], dtype=torch.float64), 0)
+    table = _token_table(before, after, flat, flat, exclude=(y_plus, y_minus))
+    p0, p1 = before.exp(), after.exp()
+    rose = [i for i in range(2, 6) if p1[i] > p0[i] and max(p0[i], p1[i]) >= 1e-3]
+    assert rose == [3]
+    risers = observed_risers(table, 1e-3, 5)
+    assert risers.index.tolist() == [3]
+    assert risers.prob_change.iloc[0] == pytest.approx((p1[3] - p0[3]).item())
+    assert observed_risers(table, 1e-6, 5).index.tolist() == [3, 5]
+
+
+def test_probe_output_shows_no_gainer_when_every_other_token_fell(llama, monkeypatch):
+    run, = run_probe(llama, PROMPT, "No", "yes", ProbeConfig(steps=2, learning_rate=1e-4, seeds=(0,)))
+    assert len(run.risers) and ((run.risers.prob_after > run.risers.prob_before).all()
+            and not run.risers.token_id.isin([_token(llama.tokenizer, t) for t in ("No", "yes")]).any())
+    fell = replace(run, risers=run.risers.iloc[:0])
+    out = io.StringIO()
+    monkeypatch.setattr(train_commands, "console", Console(file=out, width=250))
+    train_commands._report_run(fell)
+    assert "observed top gainers: no other token rose" in out.getvalue()
+    sweep = io.StringIO()
+    monkeypatch.setattr(train_commands, "console", Console(file=sweep, width=250))
+    train_commands._sweep_table([fell, run])
+    rows = [line for line in sweep.getvalue().splitlines() if line.startswith("│ 0.0001 ")]
+    last_cells = [line.strip("│ ").split("│")[-1].strip() for line in rows]
+    assert last_cells == ["-", repr(run.risers.token.iloc[0])]

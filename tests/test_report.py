@@ -117,7 +117,7 @@ ARMS = {  # arm: (preferred, dispreferred, refusal before, refusal after)
 def _add_ablations(store: Store, scores: pd.DataFrame, ids: dict[str, int], kept: dict[int, np.ndarray]) -> None:
     insert = ("INSERT INTO ablations (ablation_id, arm, policy, selection_id, dataset_name, dataset_version, model_key, "
               "n_train_pairs, preferred_logp_change, dispreferred_logp_change, refusal_rate_before, refusal_rate_after, "
-              "created_at) VALUES (?, ?, ?, ?, 'demo', 1, ?, ?, ?, ?, ?, ?, ?)")
+              "created_at, train_seed) VALUES (?, ?, ?, ?, 'demo', 1, ?, ?, ?, ?, ?, ?, ?, 0)")
     # An older run of the `full` arm: the report must show only the latest row of each arm.
     store.sql(insert, write=True, params=[1, "full", None, None, MODEL, 48, 99.0, 99.0, 0.9, 0.9, "2020-01-01"])
     for arm, (preferred, dispreferred, before, after) in ARMS.items():
@@ -130,7 +130,7 @@ def _add_ablations(store: Store, scores: pd.DataFrame, ids: dict[str, int], kept
         })
         with store.connect() as con:
             con.register("lk", likelihoods)
-            con.execute("INSERT INTO pair_likelihoods SELECT 2, ?, pair_id, before, after, before, after - 1 FROM lk",
+            con.execute("INSERT INTO pair_likelihoods SELECT 2, ?, pair_id, before, after, before, after - 1, 0 FROM lk",
                         [arm])
 
 
@@ -410,3 +410,193 @@ def test_report_of_a_refreshed_version_shows_the_diff_with_the_previous_selectio
             f"{len(flipped) - now_removed} now kept, {now_removed} now removed, "
             f"{len(after) - len(flipped)} unchanged.") in text
     assert len([row for row in page.rows("refresh-diff") if row[0] != "pair_id"]) == len(gone) + len(flipped)
+
+
+def _insert_ablations(store: Store, rows: list[dict], likelihoods: pd.DataFrame | None = None) -> None:
+    """`ablations` rows (and `pair_likelihoods` rows) written directly, as `ches_curate.ablation.write_arm` would."""
+    frame = pd.DataFrame(rows).assign(dataset_name="demo", dataset_version=1, model_key=MODEL)
+    columns = ", ".join(frame.columns)
+    with store.connect() as con:
+        con.register("new_ablations", frame)
+        con.execute(f"INSERT INTO ablations ({columns}) SELECT {columns} FROM new_ablations")
+        if likelihoods is not None:
+            con.register("new_likelihoods", likelihoods)
+            columns = ", ".join(likelihoods.columns)
+            con.execute(f"INSERT INTO pair_likelihoods ({columns}) SELECT {columns} FROM new_likelihoods")
+
+
+SLICE_COLUMNS = ("ches", "-edit_distance")
+SLICE_PERCENTILES = (0.0, 50.0, 100.0)
+SLICE_SEEDS = (0, 1, 2)
+
+
+def slice_change(column: str, percentile: float, seed: int) -> float:
+    """A made-up preferred log-prob change: CHES slices lose more the higher their percentile; seeds spread it."""
+    slope = -2.0 if column == "ches" else 0.25
+    return slope * percentile / 100 + 0.1 * seed - 0.05 * seed**2
+
+
+def _add_quantile_slices(store: Store) -> None:
+    rows = [{"ablation_id": ablation_id, "arm": f"quantile-slice(n=8,percentile={p:g},score_column={column})",
+             "policy": "quantile-slice", "n_train_pairs": 8, "design": "quantile-slices", "train_seed": seed,
+             "score_column": column, "percentile": p, "created_at": created_at,
+             "preferred_logp_change": 99.0 if ablation_id == 5 else slice_change(column, p, seed)}
+            for ablation_id, created_at in ((5, "2025-07-01"), (6, "2025-07-02"))  # 5: an older run, not shown
+            for column in SLICE_COLUMNS for p in SLICE_PERCENTILES for seed in SLICE_SEEDS]
+    _insert_ablations(store, rows)
+
+
+def test_seed_spread_aggregates_each_group_over_its_seeds():
+    from ches_curate.report import seed_spread
+
+    rows = pd.DataFrame({
+        "score_column": ["ches", "ches", "ches", "ln_ches", "ches", "ln_ches"],
+        "percentile": [50.0, 50.0, 50.0, 0.0, 0.0, 0.0],
+        "train_seed": [0, 1, 2, 0, 0, 1],
+        "preferred_logp_change": [-1.0, -3.0, np.nan, 2.0, 0.5, 4.0],
+    })
+    spread = seed_spread(rows, ["score_column", "percentile"], "preferred_logp_change")
+    assert spread[["score_column", "percentile"]].values.tolist() == [["ches", 50.0], ["ln_ches", 0.0], ["ches", 0.0]]
+    assert spread["mean"].tolist() == [-2.0, 3.0, 0.5]
+    assert spread["min"].tolist() == [-3.0, 2.0, 0.5] and spread["max"].tolist() == [-1.0, 4.0, 0.5]
+    assert spread.n_seeds.tolist() == [2, 2, 1]  # the NaN of seed 2 is left out
+    assert spread.seeds.tolist() == [[0, 1], [0, 1], [0]] and spread["values"].tolist() == [[-1.0, -3.0], [2.0, 4.0], [0.5]]
+    empty = seed_spread(rows.assign(preferred_logp_change=np.nan), ["score_column"], "preferred_logp_change")
+    assert empty.n_seeds.tolist() == [0, 0] and empty["mean"].isna().all()
+
+
+def test_quantile_slices_are_drawn_as_figure_2_one_line_per_score_with_seed_spread(demo, tmp_path, monkeypatch):
+    from ches_curate import report_plots
+
+    store = copy_of(demo.store, tmp_path)
+    _add_quantile_slices(store)
+    drawn, draw = {}, report_plots.quantile_slice_curves
+
+    def record(lines, ylabel):
+        drawn.update(lines)
+        return draw(lines, ylabel)
+
+    monkeypatch.setattr(report_plots, "quantile_slice_curves", record)
+    page = Page(build_report(store, "demo", selection_id=demo.percentile_id, config=ReportConfig(top_pairs=0)))
+
+    labels = {"ches": "CHES", "-edit_distance": "edit distance (negated: most similar high)"}
+    assert sorted(drawn) == sorted(labels.values())
+    for column, label in labels.items():
+        x, spread = drawn[label]
+        assert list(x) == list(SLICE_PERCENTILES)
+        expected = np.array([[slice_change(column, p, s) for s in SLICE_SEEDS] for p in SLICE_PERCENTILES])
+        np.testing.assert_allclose(spread.mean, expected.mean(axis=1))
+        np.testing.assert_allclose(spread.low, expected.min(axis=1))
+        np.testing.assert_allclose(spread.high, expected.max(axis=1))
+        np.testing.assert_allclose(np.array(spread.values), expected)
+
+    text = " ".join(page.text["ablations"].split())
+    assert "Quantile slices (Razin et al., Figure 2)" in text
+    assert "Ablation #6: DPO on slices of up to 8 pairs" in text and "trained once per seed (0, 1, 2)" in text
+    assert "high-percentile slices lose the most preferred likelihood" in text
+    assert ("img", "alt", "Figure 2: preferred log-prob change per quantile slice") in page.attrs
+    assert len(page.images) == 8  # the seven of the demo store and Figure 2
+    table = {row[0]: row[1:] for row in page.tables["ablations"] if row[0] in ("score \\ percentile", *labels.values())}
+    assert table["score \\ percentile"] == ["0", "50", "100"]
+    for column, label in labels.items():
+        cells = []
+        for p in SLICE_PERCENTILES:
+            values = [slice_change(column, p, s) for s in SLICE_SEEDS]
+            cells.append(f"{np.mean(values):.4g} [{min(values):.4g}, {max(values):.4g}]")
+        assert table[label] == cells
+    # The slices have their own figure: the arms table and bars keep the other designs' arms only.
+    header = page.tables["ablations"][0]
+    assert header[0] == "arm" and set(header[1:]) == set(ARMS)
+
+
+def test_keep_lowest_arms_with_several_seeds_show_each_seed_and_bars_of_their_mean(demo, tmp_path, monkeypatch):
+    from ches_curate import report_plots
+
+    store = copy_of(demo.store, tmp_path)
+    arms = {"full": -2.0, "length-normalized(fraction=0.25,score_column=ln_ches)": -0.5, "random(n=36,seed={})": -1.5}
+    policies = (None, "length-normalized", "random")
+    pair_ids = demo.scores.pair_id.tolist()
+    rows, likelihoods = [], []
+    for seed in (0, 1):
+        for (name, change), policy in zip(arms.items(), policies):
+            arm = name.format(seed)
+            rows.append({"ablation_id": 7, "arm": arm, "policy": policy, "design": "keep-lowest", "train_seed": seed,
+                         "n_train_pairs": 4, "preferred_logp_change": change - seed,
+                         "dispreferred_logp_change": -3.0 - seed, "created_at": "2025-08-01"})
+            likelihoods += [{"ablation_id": 7, "arm": arm, "train_seed": seed, "pair_id": p,
+                             "preferred_logp_before": -10.0, "preferred_logp_after": -10.0 - seed} for p in pair_ids[:4]]
+    # A pair_likelihoods row of a seed with no ablations row is joined to nothing.
+    likelihoods.append({**likelihoods[0], "train_seed": 9})
+    _insert_ablations(store, rows, pd.DataFrame(likelihoods))
+    bars, draw = {}, report_plots.grouped_bars
+
+    def record(names, series, ylabel):
+        bars[ylabel] = (names, series)
+        return draw(names, series, ylabel)
+
+    monkeypatch.setattr(report_plots, "grouped_bars", record)
+    page = Page(build_report(store, "demo", selection_id=demo.percentile_id, config=ReportConfig(top_pairs=0)))
+
+    header = page.tables["ablations"][0]
+    seeds = next(row for row in page.tables["ablations"] if row[0] == "train seed")
+    columns = list(zip(header[1:], seeds[1:]))
+    # `full` of seed 0 replaces the demo's older `full`; its other arms (seed 0) stay.
+    assert sorted(columns) == sorted([("percentile", "0"), ("random", "0"),
+                                      *((arm.format(seed), str(seed)) for arm in arms for seed in (0, 1))])
+    preferred = next(row for row in page.tables["ablations"] if row[0] == "preferred logp change")
+    assert dict(zip(columns, preferred[1:]))[("full", "1")] == "-3"
+
+    names, series = bars["mean log-prob change"]
+    # The random control of each seed draws with that seed: one control, one bar.
+    assert names == ["percentile", "random", "full", "length-normalized(fraction=0.25,score_column=ln_ches)",
+                     "random(n=36)"]
+    for i, (arm, change) in enumerate(arms.items(), start=2):
+        assert series["preferred"].mean[i] == pytest.approx(change - 0.5)
+        assert (series["preferred"].low[i], series["preferred"].high[i]) == (change - 1, change)
+        assert list(series["preferred"].values[i]) == [change, change - 1]
+    assert series["preferred"].mean[0] == ARMS["percentile"][0] and list(series["preferred"].values[0]) == [-0.75]
+    assert "Bars are means over the training seeds" in " ".join(page.text["ablations"].split())
+    n_likelihoods = sum(int(k.sum()) for k in demo.kept.values()) + 2 * len(arms) * 4
+    assert f"Per pair ({n_likelihoods} points)" in " ".join(page.text["ablations"].split())
+
+
+@pytest.mark.parametrize(("arm", "design", "policy", "bar"), [
+    ("random(n=36,seed=2)", "keep-lowest", "random", "random(n=36)"),
+    ("random(seed=2,n=36)", "keep-lowest", "random", "random(n=36)"),
+    ("random(n=36,seed=2)", "policies", "random", "random(n=36,seed=2)"),  # controls of one seed, several sizes
+    ("length-normalized(fraction=0.05,score_column=ln_ches)", "keep-lowest", "length-normalized",
+     "length-normalized(fraction=0.05,score_column=ln_ches)"),
+])
+def test_keep_lowest_random_controls_of_all_seeds_share_one_bar(arm, design, policy, bar):
+    from ches_curate.report import _bar
+
+    assert _bar(arm, design, policy) == bar
+
+
+def test_ablations_of_a_store_before_migration_8_take_their_seed_from_their_config(tmp_path):
+    import duckdb
+
+    from ches_curate.store import migrations
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.apply(con, up_to=7)
+    pairs = make_pairs()
+    for arm, seed in (("full", 3), ("percentile", None)):
+        config = json.dumps({"train": {"seed": seed}}) if seed is not None else None
+        con.execute("INSERT INTO ablations (ablation_id, arm, dataset_name, dataset_version, model_key, "
+                    "preferred_logp_change, config) VALUES (1, ?, 'demo', 1, ?, -1.0, ?)", [arm, MODEL, config])
+        for pair in pairs[:5]:
+            con.execute("INSERT INTO pair_likelihoods VALUES (1, ?, ?, -5.0, -6.0, -5.0, -7.0)", [arm, pair.pair_id])
+    con.close()
+    store = Store(path)
+    store.register_dataset("demo", "demo.jsonl", pairs)
+    store.register_model(MODEL, {})
+    run_id = store.start_score_run("demo", 1, MODEL)
+    store.write_scores(run_id, MODEL, fake_scores(pairs))
+    store.finish_score_run(run_id, "finished")
+    page = Page(build_report(store, "demo", config=ReportConfig(top_pairs=0)))
+    rows = {row[0]: row[1:] for row in page.tables["ablations"]}
+    assert rows["arm"] == ["full", "percentile"] and rows["train seed"] == ["3", "0"]
+    assert rows["design"] == ["policies", "policies"]
+    assert "Per pair (10 points)" in " ".join(page.text["ablations"].split())

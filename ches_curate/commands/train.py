@@ -157,7 +157,10 @@ def _report_run(run) -> None:
                   f"{run.hidden_norm_sq:.4g}", highlight=False)
     if run.single_token_ches < 0:
         console.print("[yellow]displacement unlikely:[/] the single-token CHES is negative")
-    _token_table("observed top gainers (p before or after >= 1e-3)", run.risers)
+    if len(run.risers):
+        _token_table("observed top gainers: tokens whose probability rose (p before or after >= 1e-3)", run.risers)
+    else:
+        console.print("observed top gainers: no other token rose (p before or after >= 1e-3)")
     _token_table("predicted: largest first-order probability change of a gradient step", run.predicted_change)
     _token_table("predicted: largest <W_z, W+ - W->", run.predicted)
     if len(run.watched):
@@ -171,7 +174,9 @@ def _sweep_table(runs) -> None:
     rows = [[f"{r.learning_rate:g}", "yes" if r.leading_space else "no", str(r.seed),
              *(tables.cell(v) for v in (r.p_plus_before, r.p_plus_after, r.p_plus_min)), tables.cell(r.p_plus_min_step),
              *(tables.cell(v) for v in (r.p_minus_before, r.p_minus_after, r.final_loss)),
-             tables.cell(r.loss_monotone), tables.cell(r.displaced), repr(r.risers.token.iloc[0]) if len(r.risers) else "-"]
+             tables.cell(r.loss_monotone), tables.cell(r.displaced),
+             # risers hold only tokens whose probability rose: "-" when every other token fell
+             repr(r.risers.token.iloc[0]) if len(r.risers) else "-"]
             for r in runs]
     first = runs[0]
     tables.print_table(console, columns, rows, title=f"probe sweep: {first.preferred!r} over {first.dispreferred!r}, "
@@ -189,13 +194,18 @@ def _token_table(title: str, frame) -> None:
 
 
 def ablate(
+    ctx: typer.Context,
     dataset: options.Dataset,
     version: options.Version = None,
     model: options.Model = "default",
+    design: str = typer.Option(
+        _DESIGN.design, "--design", help="policies: full vs each --policy vs same-size random controls; "
+        "quantile-slices: subsets centred on percentiles of each score (Razin et al., Sec. 5, Fig. 2); keep-lowest: "
+        "the lowest --keep-fraction by ln-CHES vs full vs random (Sec. 6). The paper designs default to the paper's "
+        "DPO settings (RMSProp, batch 32, lr 1e-7 / 5e-6, constant schedule); options given override them."),
     policy: list[str] = typer.Option(
         [], "--policy", help="Policy arm as NAME or NAME:param=value,... e.g. 'percentile:p=90' (repeatable; "
         "design policies)."
-    ctx: typer.Context,
     ),
     seed: list[int] = typer.Option([0], "--seed", help="policies: seed of a random control arm per policy; the "
                                    "paper designs: training seeds, each arm trained once per seed (repeatable)."),
@@ -209,11 +219,6 @@ def ablate(
     keep_column: str = typer.Option(_DESIGN.keep_column, "--keep-column", help="keep-lowest: score whose lowest "
                                     "values are kept."),
     eval_dataset: Optional[str] = typer.Option(
-    design: str = typer.Option(
-        _DESIGN.design, "--design", help="policies: full vs each --policy vs same-size random controls; "
-        "quantile-slices: subsets centred on percentiles of each score (Razin et al., Sec. 5, Fig. 2); keep-lowest: "
-        "the lowest --keep-fraction by ln-CHES vs full vs random (Sec. 6). The paper designs default to the paper's "
-        "DPO settings (RMSProp, batch 32, lr 1e-7 / 5e-6, constant schedule); options given override them."),
         None, "--eval-dataset", help="Stored dataset whose first human turns are the held-out refusal prompts."
     ),
     n_eval: int = typer.Option(32, "--n-eval", min=1, help="Number of refusal prompts."),
@@ -235,12 +240,6 @@ def ablate(
     from ches_curate.evaluate import harmful_prompts
     from ches_curate.store import Store
 
-    policies = [parse_policy(item) for item in policy]
-    config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
-                           train_seed, output_dir, save, optimizer=optimizer)
-    config = with_design_defaults(ctx, config, design)
-    store = Store(db, create=False)
-    prompts = harmful_prompts(list(store.dataset_pairs(eval_dataset)), n_eval) if eval_dataset else []
     try:
         plan = DesignConfig(design=design, score_columns=tuple(score_column), percentiles=tuple(percentile),
                             slice_size=slice_size, keep_fraction=keep_fraction, keep_column=keep_column)
@@ -248,6 +247,12 @@ def ablate(
         raise typer.BadParameter(str(err), param_hint="--design") from None
     if policy and design != "policies":
         raise typer.BadParameter(f"--policy is for --design policies, not {design}", param_hint="--policy")
+    policies = [parse_policy(item) for item in policy]
+    config = _train_config(beta, lr, epochs, max_steps, batch_size, grad_accum, max_length, sft_weight, lora,
+                           train_seed, output_dir, save, optimizer=optimizer)
+    config = with_design_defaults(ctx, config, design)
+    store = Store(db, create=False)
+    prompts = harmful_prompts(list(store.dataset_pairs(eval_dataset)), n_eval) if eval_dataset else []
     if not prompts:
         console.print("no --eval-dataset: refusal rates are left empty")
     rows = run_ablation(store, dataset, model, policies, config, prompts, seed, version=version,
