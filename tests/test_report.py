@@ -447,7 +447,7 @@ def _add_quantile_slices(store: Store) -> None:
 
 
 def test_seed_spread_aggregates_each_group_over_its_seeds():
-    from ches_curate.report import seed_spread
+    from ches_curate.report_ablation import seed_spread
 
     rows = pd.DataFrame({
         "score_column": ["ches", "ches", "ches", "ln_ches", "ches", "ln_ches"],
@@ -568,7 +568,7 @@ def test_keep_lowest_arms_with_several_seeds_show_each_seed_and_bars_of_their_me
      "length-normalized(fraction=0.05,score_column=ln_ches)"),
 ])
 def test_keep_lowest_random_controls_of_all_seeds_share_one_bar(arm, design, policy, bar):
-    from ches_curate.report import _bar
+    from ches_curate.report_ablation import _bar
 
     assert _bar(arm, design, policy) == bar
 
