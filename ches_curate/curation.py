@@ -9,6 +9,8 @@ steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dataclasses
 import json
 import time
@@ -181,15 +183,17 @@ def eval_prompts(spec: EvaluateSpec) -> list[str]:
 
 
 def ablate(store: Store, name: str, version: int, scoring: ScoringSpec, policies: list[PolicySpec],
-           spec: AblationSpec) -> pd.DataFrame:
-    """Train DPO arms from the scoring model (full set, each policy's selection, size-matched random controls),
-    write one `ablations` row per arm and return the rows (`ches_curate.ablation.run_ablation`)."""
+           spec: AblationSpec, prompts: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train DPO arms from the scoring model (the arms of `spec.design`), write one `ablations` row per arm and
+    seed and return the rows (`ches_curate.ablation.run_ablation`). Refusal rates are measured on `prompts`, or
+    by default on those of `spec.evaluate`."""
     from ches_curate.ablation import run_ablation
     from ches_curate.models import load_model
 
     loaded = load_model(scoring.model, scoring.device, scoring.dtype)
+    prompts = eval_prompts(spec.evaluate) if prompts is None else list(prompts)
     return run_ablation(store, name, loaded, [(p.name, p.params) for p in policies], train_config(spec),
-                        eval_prompts(spec.evaluate), spec.seeds, version=version,
+                        prompts, spec.seeds, version=version,
                         eval_config=spec.evaluate.generation, design=spec.design)
 
 

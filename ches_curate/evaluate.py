@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pandas as pd
 import torch
@@ -97,8 +98,13 @@ def refusal_rate(model, prompts: Sequence[Prompt], config: EvalConfig | None = N
     return RefusalEval(sum(refusals) / len(refusals), len(refusals), prompts, responses, refusals)
 
 
-def generate(model, tokenizer, prompts: Sequence[Prompt], config: EvalConfig) -> list[str]:
-    """Greedy continuations of each prompt (encoded as in scoring), left-padded in batches."""
+def generate(model, tokenizer, prompts: Sequence[Prompt], config: EvalConfig,
+             sampling: dict[str, Any] | None = None) -> list[str]:
+    """Greedy continuations of each prompt (encoded as in scoring), left-padded in batches.
+
+    `sampling` replaces greedy decoding with `model.generate` keywords, e.g. `{"do_sample": True, "top_p": 0.9,
+    "num_return_sequences": 2}`; the n sequences of a prompt are then consecutive in the result.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p)[-config.max_prompt_tokens :] for p in prompts]
@@ -114,7 +120,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: EvalConfig) ->
             with torch.inference_mode():
                 output = model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
-                    do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **(sampling or {"do_sample": False}),
                 )
             texts += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     finally:

@@ -127,6 +127,32 @@ class AblationSpec(_Section):
         return value
 
 
+class RefusalSpec(_Section):
+    """The on-policy refusal experiment of the `refusal` pipeline (Razin et al., Section 6).
+
+    The scoring model samples two responses to each of the first `n_prompts` harmful prompts of
+    `source`, the refusal judge (`judge_responses` hook) labels them, and the refusal-preferred
+    pairs are written to `dataset.source`, then ingested, scored and ablated (`ablation.design`,
+    keep-lowest in the shipped configs). Refusal rates are measured on the next `n_eval_prompts`
+    distinct prompts of `source`, which no training pair uses.
+    """
+
+    source: str = Field(description="Pair file whose first human turns are the harmful prompts (hh-rlhf "
+                        "harmless-base).")
+    format: Literal["auto", "prompt_chosen_rejected", "conversational", "hh_rlhf"] = Field(
+        "hh_rlhf", description="Its format.")
+    n_prompts: int = Field(1200, ge=1, description="Training prompts: the first N distinct first human turns.")
+    n_eval_prompts: int = Field(200, ge=1, description="Held-out evaluation prompts: the next N distinct ones.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens sampled per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: the full distribution).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (two responses each).")
+    max_prompt_tokens: int = Field(256, ge=1, description="Longer prompts keep their last tokens.")
+    seed: int = Field(0, description="Seed of the sampling (torch.manual_seed): same seed, same pairs.")
+    keep_both_refusals: bool = Field(True, description="Keep pairs of two refusals (the first sample preferred), "
+                                     "the paper's majority case; false keeps only refusal-vs-compliance pairs.")
+
+
 class PipelineConfig(_Section):
     """One file configures all three pipelines; `zenml` is a ZenML run configuration applied to each."""
 
@@ -147,6 +173,7 @@ class PipelineConfig(_Section):
         description="Curated file (.parquet or .jsonl); {dataset}, {version}, {selection_id} are filled in.",
     )
     ablation: AblationSpec = Field(default_factory=AblationSpec)
+    refusal: RefusalSpec | None = Field(None, description="The refusal pipeline's on-policy pair generation.")
     zenml: dict[str, Any] = Field(default_factory=dict, description="ZenML run configuration (settings, steps, ...).")
 
     def ablation_policies(self) -> list[PolicySpec]:
@@ -178,7 +205,10 @@ class PipelineConfig(_Section):
             "plugins": [local(plugin) for plugin in self.plugins],
             "export": str(base / self.export),
             "quality": str(base / self.quality) if self.quality else None,
-            "dataset": self.dataset.model_copy(update={"source": local(self.dataset.source)}),
+            # The refusal pipeline writes its pairs to dataset.source: an output, made absolute even before it exists.
+            "dataset": self.dataset.model_copy(update={"source": str(base / self.dataset.source) if self.refusal
+                                                       else local(self.dataset.source)}),
+            "refusal": self.refusal and self.refusal.model_copy(update={"source": local(self.refusal.source)}),
             "ablation": self.ablation.model_copy(update={"output_dir": str(base / self.ablation.output_dir),
                                                          "evaluate": evaluate}),
         }

@@ -1,4 +1,4 @@
-"""ZenML pipelines over the `ches_curate` library: `curation`, `ablation` and `refresh`.
+"""ZenML pipelines over the `ches_curate` library: `curation`, `ablation`, `refresh` and `refusal`.
 
 Steps (`steps.py`) are thin wrappers; every decision lives in `ches_curate`. Run them
 with `ches-curate run NAME --config pipelines/configs/dev.yaml`, or from Python with

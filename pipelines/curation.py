@@ -34,14 +34,16 @@ def for_dataset(config: PipelineConfig, *steps: Any) -> list[Any]:
     return [s.with_options(substitutions={DATASET_PLACEHOLDER: config.dataset.name}) for s in steps]
 
 
-def validated_scores(config: PipelineConfig, skip_if_passed: bool) -> tuple[Any, Any]:
+def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = None) -> tuple[Any, Any]:
     """The steps every pipeline starts with: ingest → validate pairs → score → validate scores.
 
     Called inside a pipeline function; returns the `score_run` and `scores_quality` outputs.
+    `after`: a step output ingest waits for (the refusal pipeline's generated pairs).
     """
     ingest, check_pairs, score, check_scores = for_dataset(config, ingest_dataset, validate_pairs, score_pairs,
                                                            validate_scores)
-    version = ingest(config.store, config.dataset)
+    version = ingest(config.store, config.dataset) if after is None else ingest(config.store, config.dataset,
+                                                                                after=after)
     pairs_quality = check_pairs(config.store, version, config.quality, skip_if_passed=skip_if_passed)
     score_run, _ = score(config.store, version, config.scoring, after=pairs_quality)
     return score_run, check_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)

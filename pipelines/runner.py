@@ -19,7 +19,7 @@ import yaml
 from ches_curate.errors import ChesCurateError
 from ches_curate.pipeline_config import PipelineConfig
 
-PIPELINES = ("curation", "ablation", "refresh")
+PIPELINES = ("curation", "ablation", "refresh", "refusal")
 QUIET_LOGGERS = ("great_expectations",)
 """Libraries whose INFO records ZenML's root handler would print (hundreds of lines per quality step)."""
 MODEL_NAME = "ches_curate"

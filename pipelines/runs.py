@@ -19,7 +19,7 @@ from pipelines.runner import PIPELINES
 
 DATASET_PLACEHOLDER = "dataset"
 """The substitution the pipelines set to the config's dataset name; artifact names use it."""
-STAGES = ("ingest", "pairs_quality", "scoring", "scores_quality", "selection", "export", "report", "ablation")
+STAGES = ("generation", "ingest", "pairs_quality", "scoring", "scores_quality", "selection", "export", "report", "ablation")
 """The run metadata entries the steps log, in pipeline order."""
 
 

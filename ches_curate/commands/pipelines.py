@@ -16,8 +16,10 @@ from ches_curate.pipeline_config import PipelineConfig
 
 console = Console(soft_wrap=True)
 
-PIPELINE_HELP = "curation, ablation or refresh."
+PIPELINE_HELP = "curation, ablation, refresh or refusal."
 CONFIG_HELP = "Pipeline config YAML (see pipelines/configs/dev.yaml)."
+RUN_CONFIG_HELP = CONFIG_HELP + " Required but for refusal, which defaults to pipelines/configs/refusal.yaml."
+SMALL_HELP = "refusal only: the CPU-sized config pipelines/configs/refusal_small.yaml (--config overrides it)."
 DB_HELP = "DuckDB store file; overrides the config's `store`."
 PLUGIN_HELP = "Plugin module (import name or .py path) to load besides the config's `plugins` (repeatable)."
 DEFAULT_CONFIG = Path("pipelines/configs/dev.yaml")
@@ -41,17 +43,23 @@ def load_config(config: Path, db: Path | None, pipeline: str, plugins: list[str]
 
 def run(
     pipeline: str = typer.Argument(..., help=PIPELINE_HELP),
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=RUN_CONFIG_HELP),
+    small: bool = typer.Option(False, "--small", help=SMALL_HELP),
     db: Optional[Path] = typer.Option(None, "--db", envvar="CHES_CURATE_DB", help=DB_HELP),
     plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Run a ZenML pipeline: curation (ingest → validate → score → validate → filter → export),
-    ablation (DPO on curated vs full vs random arms) or refresh (only what changed)."""
+    ablation (DPO on curated vs full vs random arms), refresh (only what changed) or refusal (Razin et al.'s
+    Section 6: on-policy refusal pairs, DPO on all vs the lowest ln-CHES vs random, refusal rates)."""
     from pipelines import PIPELINES, run_pipeline
 
     if pipeline not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    loaded = load_config(config, db, pipeline, plugin)
+    loaded = load_config(run_config_path(pipeline, config, small), db, pipeline, plugin)
+    if pipeline == "refusal":
+        from ches_curate.onpolicy import check_config
+
+        check_config(loaded)
     result = run_pipeline(pipeline, loaded)
     if result is None or str(result.status.value) != "completed":
         status = "submitted" if result is None else str(result.status.value)
@@ -61,8 +69,25 @@ def run(
         return
     if pipeline == "ablation":
         show_ablation(result)
+    elif pipeline == "refusal":
+        show_refusal(result)
     else:
         show_curation(result)
+
+
+def run_config_path(pipeline: str, config: Path | None, small: bool) -> Path:
+    """The config `run` loads: `--config`, else for refusal the shipped refusal.yaml (refusal_small.yaml with
+    `--small`); the other pipelines require `--config`."""
+    if small and pipeline != "refusal":
+        raise typer.BadParameter(f"--small is for the refusal pipeline only, not {pipeline}", param_hint="'--small'")
+    if config is not None:
+        return config
+    if pipeline != "refusal":
+        raise typer.BadParameter(f"required for the {pipeline} pipeline (only refusal has a default config)",
+                                 param_hint="'--config' / '-c'")
+    import pipelines
+
+    return Path(pipelines.__file__).parent / "configs" / ("refusal_small.yaml" if small else "refusal.yaml")
 
 
 def show_curation(run_response: Any) -> None:
@@ -107,18 +132,39 @@ def where_to_look(store: str, selection_id: int, run_id: str) -> None:
                   highlight=False)
 
 
+ABLATION_COLUMNS = ("ablation_id", "arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction",
+                    "refusal_rate_before", "refusal_rate_after")
+REFUSAL_COLUMNS = ("ablation_id", "arm", "train_seed", "n_train_pairs", "refusal_rate_before", "refusal_rate_after",
+                   "preferred_logp_change", "dispreferred_logp_change", "wall_time_s")
+
+
 def show_ablation(run_response: Any) -> None:
     """The `ablations` rows the run wrote."""
     from pipelines.ablation import ablation_outcome
 
-    outcome = ablation_outcome(run_response)
+    _show_ablations(ablation_outcome(run_response), ABLATION_COLUMNS)
+
+
+def show_refusal(run_response: Any) -> None:
+    """The on-policy pairs the refusal run generated, and per arm and seed its refusal rate before and after DPO."""
+    from pipelines.refusal import refusal_outcome
+
+    outcome = refusal_outcome(run_response)
+    made = outcome["generation"]
+    console.print(f"{made['n_prompts']:,} prompts → {made['n_pairs']:,} pairs ({made['n_refusal_vs_compliance']:,} "
+                  f"refusal vs compliance, {made['n_both_refuse']:,} both refuse: {made['both_refuse_share']:.1%}); "
+                  f"dropped {made['n_both_comply']:,} with two compliant responses, {made['n_identical']:,} identical "
+                  f"refusals, {made['n_both_refuse_dropped']:,} other two-refusal pairs; sampled refusal rate "
+                  f"{made['sample_refusal_rate']:.1%}; {made['n_eval_prompts']:,} held-out prompts; pairs in "
+                  f"{escape(made['path'])}", highlight=False)
+    _show_ablations(outcome, REFUSAL_COLUMNS)
+
+
+def _show_ablations(outcome: dict[str, Any], columns: tuple[str, ...]) -> None:
     console.print(f"[bold]{escape(outcome['run_name'])}[/] {outcome['status']} (ZenML run id {outcome['run_id']})",
                   highlight=False)
-    rows = outcome["ablations"]
-    columns = ("ablation_id", "arm", "n_train_pairs", "preferred_logp_change", "preferred_decrease_fraction",
-               "refusal_rate_before", "refusal_rate_after")
     tables.print_table(console, [tables.Column(c, numeric=c != "arm") for c in columns],
-                       [[tables.cell(row.get(c)) for c in columns] for row in rows], title="ablations")
+                       [[tables.cell(row.get(c)) for c in columns] for row in outcome["ablations"]], title="ablations")
     console.print(f"in the store: ches-curate sql \"SELECT * FROM ablations\" --db {escape(outcome['store'])}",
                   highlight=False)
 
