@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ches_curate import __version__, report_ablation, report_plots
+from ches_curate import __version__, report_ablation, report_plots, report_probe
 from ches_curate.errors import ChesCurateError
 from ches_curate.store import DatasetVersion, Store
 
@@ -84,13 +84,14 @@ def build_report(
         quarantine = _quarantine(query, dv)
         arms, per_pair = report_ablation.ablation_rows(query, dv, model_key)
         slices = report_ablation.slice_rows(query, dv)
+        probes = report_probe.probe_section(query, model_key)
     return _template().render(
         dataset=dv, model_key=model_key, selection=selection, n_scored=len(scores),
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
         score_stats=_score_stats(scores), score_plots=_score_plots(scores, selection), top_pairs=top_pairs,
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
         ablation=report_ablation.ablation_section(arms, per_pair, slices), removed_pairs=removed_pairs,
-        refresh_diff=_refresh_diff(store, selection, config),
+        refresh_diff=_refresh_diff(store, selection, config), probes=probes,
     )
 
 

@@ -312,6 +312,7 @@ def test_sections_without_data_say_so(tmp_path):
     assert "No ablations for this dataset version yet" in page.text["ablations"]
     assert "No selection yet, so nothing was removed" in page.text["removed-pairs"]
     assert "No selection of an earlier version" in page.text["refresh-diff"]
+    assert "No probe runs of this model in the store" in page.text["probes"]
 
 
 def copy_of(store: Store, tmp_path: Path) -> Store:
@@ -600,3 +601,27 @@ def test_ablations_of_a_store_before_migration_8_take_their_seed_from_their_conf
     assert rows["arm"] == ["full", "percentile"] and rows["train seed"] == ["3", "0"]
     assert rows["design"] == ["policies", "policies"]
     assert "Per pair (10 points)" in " ".join(page.text["ablations"].split())
+
+
+def test_probe_runs_of_the_model_are_listed_newest_first_with_their_first_gainers(demo, tmp_path):
+    store = copy_of(demo.store, tmp_path)
+    gainers = '[{"token": "Yes", "prob_before": 0.05, "prob_after": 0.12}]'
+    base = {"model_key": MODEL, "prompt": "<script>alert(1)</script> Is the sky blue?", "preferred": "No",
+            "dispreferred": "Never", "mode": "paper", "leading_space": False, "steps": 100, "seed": 0,
+            "p_plus_before": 0.305, "p_minus_before": 1.8e-4, "loss_monotone": True, "single_token_ches": -3.32,
+            "hidden_norm_sq": 2852.0, "predicted_gainers": "[]"}
+    first = store.record_probe_run(base | {"learning_rate": 1e-7, "p_plus_after": 0.723, "p_plus_min": 0.305,
+                                           "p_plus_min_step": 0, "displaced": False, "top_gainers": gainers})
+    second = store.record_probe_run(base | {"learning_rate": 1e-4, "p_plus_after": 0.2, "p_plus_min": 0.048,
+                                            "p_plus_min_step": 2, "displaced": True, "top_gainers": "[]"})
+    store.record_probe_run(base | {"model_key": "another@x/float32", "learning_rate": 1e-5, "top_gainers": "[]"})
+
+    html = build_report(store, "demo", model_key=MODEL)
+    text = " ".join(Page(html).text["probes"].split())
+    assert "The latest 2 of 2 probe runs of this model" in text and "(1 of these runs)" in text
+    rows = Page(html).tables["probes"][1:]
+    assert [row[0] for row in rows] == [str(second), str(first)]  # newest first, only this model's
+    assert [row[-2] for row in rows] == ["—", "'Yes'"]  # no token rose in the second run
+    assert "0.305 → 0.723" in text and "0.048 (2)" in text and "'Yes'" in text
+    assert "1e-05" not in text  # another model's run
+    assert "<script>alert" not in html and "&lt;script&gt;" in html
