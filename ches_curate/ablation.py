@@ -104,6 +104,8 @@ def run_ablation(
     design = design or DesignConfig()
     arms = plan_arms(store, dv.name, dv.version, loaded.key, policies, seeds, scores=selectable, design=design,
                      train_seed=train_config.seed)
+    # Train on the ids that were scored: with or without the chat template, as the scores were made.
+    chat_template = store.scored_chat_template(dv.name, dv.version, loaded.key)
     eval_config = eval_config or EvalConfig()
     eval_prompts = list(eval_prompts)
     refusal_before = refusal_rate(loaded, eval_prompts, eval_config).rate if eval_prompts else None
@@ -119,7 +121,8 @@ def run_ablation(
         trained = dataclasses.replace(loaded, model=clone_model(loaded.model))
         logger.info("ablation %d: training arm %s (seed %d) on %d pairs", ablation_id, arm.name, arm.train_seed,
                     len(arm.pair_ids))
-        result = train_dpo(trained, loaded.model, [pairs[i] for i in arm.pair_ids], arm_config)
+        result = train_dpo(trained, loaded.model, [pairs[i] for i in arm.pair_ids], arm_config,
+                           chat_template=chat_template)
         summary = result.displacement(scores)
         trained = dataclasses.replace(trained, model=result.model)
         refusal_after = refusal_rate(trained, eval_prompts, eval_config).rate if eval_prompts else None

@@ -196,6 +196,19 @@ def test_scores_of_the_chat_and_raw_tokenizations_are_kept_apart(tmp_path):
     with use_chat_template(False):
         np.testing.assert_array_equal(store.scores("toy", model_key="m").ches, raw.ches[1:])
     assert len(store.scores("toy", model_key="m", tokenization_version="2-raw")) == 2
+    assert store.scored_chat_template("toy", 1, "m") is None  # some pairs under each: no single answer
+    assert store.scored_chat_template("toy", 1, "other") is None  # not scored by that model
+
+
+def test_training_takes_the_chat_template_choice_of_the_scores(tmp_path):
+    store = Store(tmp_path / "s.duckdb")
+    pairs = make_pairs(3)
+    store.register_dataset("toy", None, pairs)
+    with use_chat_template(False):
+        store.write_scores(store.start_score_run("toy", 1, "m"), "m", fake_scores(pairs, seed=1))
+    assert store.scored_chat_template("toy", 1, "m") is False  # whatever is in effect when training starts
+    store.write_scores(store.start_score_run("toy", 1, "m"), "m", fake_scores(pairs, seed=2))
+    assert store.scored_chat_template("toy", 1, "m") is True
 
 
 def test_a_store_that_got_migration_6_before_5_gets_5_on_open(tmp_path):

@@ -12,6 +12,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ches_curate import train as train_module
 from ches_curate.commands import train as train_commands
 from ches_curate.errors import ChesCurateError
 from ches_curate.scoring.incremental import score_dataset
@@ -189,3 +190,28 @@ def test_train_command_trains_on_a_selection_and_saves(llama, tiny_llama_dir, tm
     assert "on 3 pairs of 'toy' v1" in result.output and "DPO: 2 steps" in result.output
     assert "ches logp corr" in result.output and f"saved to {tmp_path / 'ckpt'}" in result.output
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_train_command_trains_with_the_tokenization_the_pairs_were_scored_with(llama, tiny_llama_dir, tmp_path,
+                                                                               monkeypatch):
+    from ches_curate.tokenization import use_chat_template
+
+    store = Store(tmp_path / "raw.duckdb")
+    store.register_dataset("toy", None, [PreferencePair(f"Question {i}: may I?", f" No {i}", f" Yes {i}", row=i)
+                                         for i in range(4)])
+    with use_chat_template(False):
+        score_dataset(store, "toy", llama, progress=False)
+    seen = []
+    real = train_module.train_dpo
+
+    def spy(model, ref, pairs, config, chat_template=None):
+        seen.append(chat_template)
+        return real(model, ref, pairs, config, chat_template=chat_template)
+
+    monkeypatch.setattr(train_module, "train_dpo", spy)
+    app = typer.Typer()
+    train_commands.register(app)
+    result = CliRunner().invoke(app, ["train", "--dataset", "toy", "--model", str(tiny_llama_dir), "--max-steps", "1",
+                                      "--no-save", "--db", str(store.path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert seen == [False]  # scored with --no-chat-template, so trained on the raw-text ids

@@ -74,7 +74,8 @@ def train(
     loaded = load_model(model)
     console.print(f"training {escape(printable(loaded.key))} on {len(pairs):,} pairs of "
                   f"'{escape(printable(dv.name))}' v{dv.version}")
-    result = train_dpo(loaded, None, pairs, config)
+    scored = store.scored_chat_template(dv.name, dv.version, loaded.key, selection)
+    result = train_dpo(loaded, None, pairs, config, chat_template=scored)
     scores = store.scores(dv.name, dv.version, model_key=loaded.key) if loaded.key in store.scoring_models(
         dv.name, dv.version) else None
     summary = result.displacement(scores)

@@ -453,6 +453,15 @@ class Store:
         )
         return {v: int(n) for v, n in counts.itertuples(index=False)}
 
+    def scored_chat_template(self, name: str, version: int, model_key: str, selection_id: int | None = None) -> bool | None:
+        """How `model_key` scored these pairs: with the chat template (True), without (`--no-chat-template`, False),
+        or None when it scored none of them under a current tokenization, or some under each.
+
+        Training on scored pairs takes this, so DPO trains on the ids that were scored.
+        """
+        found = set(self.tokenization_versions(name, version, model_key, selection_id)) & set(_current_versions())
+        return not tokenization.is_raw(found.pop()) if len(found) == 1 else None
+
     def scoring_models(self, name: str, version: int) -> list[str]:
         """Keys of the models with scores for pairs of a dataset version, sorted."""
         return self.sql(
