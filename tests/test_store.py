@@ -43,9 +43,9 @@ CONTRACT_COLUMNS = {
     "ablations": "ablation_id arm policy selection_id dataset_name dataset_version model_key n_train_pairs "
                  "preferred_logp_change dispreferred_logp_change preferred_decrease_fraction ches_logp_corr "
                  "ln_ches_logp_corr refusal_rate_before refusal_rate_after train_loss reward_accuracy wall_time_s "
-                 "config created_at",
+                 "config created_at design train_seed score_column percentile",
     "pair_likelihoods": "ablation_id arm pair_id preferred_logp_before preferred_logp_after dispreferred_logp_before "
-                        "dispreferred_logp_after",
+                        "dispreferred_logp_after train_seed",
 }
 
 
