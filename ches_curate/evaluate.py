@@ -154,7 +154,8 @@ class ProbeRun:
     runs). `single_token_ches` = <W+, W-> - ||W+||^2 over unembedding rows; `hidden_norm_sq` = ||h||^2
     of the prompt's last hidden state. `risers`: the observed top gainers (`observed_risers`: tokens
     whose probability rose, y+ and y- aside; empty when none did); `predicted`: the top tokens by <W_z, W+ - W->;
-    `predicted_change`: the top tokens by the first-order predicted probability change.
+    `predicted_change`: the top tokens by the first-order predicted probability rise (`predicted_risers`; empty
+    when only y+ is predicted to rise).
     """
 
     model_key: str
@@ -310,7 +311,7 @@ def _run(model, prompt, texts, ids, config: ProbeConfig, before, after, *, start
         single_token_ches=float(w_plus @ w_minus - w_plus @ w_plus), hidden_norm_sq=float(hidden @ hidden),
         risers=_with_tokens(tokenizer, observed_risers(table, config.min_prob, config.top_k)),
         predicted=_with_tokens(tokenizer, table.nsmallest(config.top_k, "prediction_rank")),
-        predicted_change=_with_tokens(tokenizer, table.nlargest(config.top_k, "predicted_change")),
+        predicted_change=_with_tokens(tokenizer, predicted_risers(table, config.top_k)),
         watched=_with_tokens(tokenizer, table.loc[watch_ids]), wall_time_s=time.perf_counter() - started, **fields,
     )
 
@@ -392,6 +393,13 @@ def observed_risers(table: pd.DataFrame, min_prob: float, top_k: int) -> pd.Data
     """
     common = (table.prob_before >= min_prob) | (table.prob_after >= min_prob)
     return table[common & (table.prob_after > table.prob_before)].nlargest(top_k, "prob_change")
+
+
+def predicted_risers(table: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """The `top_k` rows of `_token_table` with the largest first-order predicted probability rise (> 0); empty when
+    the first-order model predicts every other token to fall (then a list by largest change would only show
+    tokens at probability ~0, whose change rounds to 0)."""
+    return table[table.predicted_change > 0].nlargest(top_k, "predicted_change")
 
 
 def _with_tokens(tokenizer, frame: pd.DataFrame) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 import typer
@@ -92,6 +93,7 @@ def test_flags_follow_the_trajectory(llama):
     assert len(gentle.risers) and (gentle.risers.prob_before.ge(1e-3) | gentle.risers.prob_after.ge(1e-3)).all()
     assert gentle.risers.prob_change.is_monotonic_decreasing
     assert gentle.predicted_change.predicted_change.is_monotonic_decreasing
+    assert (gentle.predicted_change.predicted_change > 0).all()
 
 
 def test_displacement_is_flagged_when_the_preferred_token_loses_probability(llama):
@@ -118,7 +120,7 @@ def test_runs_are_stored_in_probe_runs(llama, tmp_path):
     stored = store.sql("SELECT * FROM probe_runs").iloc[0]
     assert (stored.model_key, stored["mode"], stored.steps, stored.seed) == (llama.key, "paper", 2, 0)
     assert stored.p_plus_after == pytest.approx(run.p_plus_after) and bool(stored.displaced) == run.displaced
-    assert json.loads(stored.predicted_gainers)[0]["token_id"] == run.predicted_change.token_id.iloc[0]
+    assert [g["token_id"] for g in json.loads(stored.predicted_gainers)] == run.predicted_change.token_id.tolist()
 
 
 def test_probe_command_sweeps_and_records(tiny_llama_dir, tmp_path):
@@ -170,3 +172,11 @@ def test_probe_output_shows_no_gainer_when_every_other_token_fell(llama, monkeyp
     rows = [line for line in sweep.getvalue().splitlines() if line.startswith("│ 0.0001 ")]
     last_cells = [line.strip("│ ").split("│")[-1].strip() for line in rows]
     assert last_cells == ["-", repr(run.risers.token.iloc[0])]
+
+
+def test_predicted_gainers_are_only_tokens_predicted_to_rise():
+    from ches_curate.evaluate import predicted_risers
+
+    table = pd.DataFrame({"predicted_change": [-0.2, 0.0, 0.0, 0.03, 0.1, -1e-9]}, index=[10, 11, 12, 13, 14, 15])
+    assert predicted_risers(table, 3).index.tolist() == [14, 13]
+    assert predicted_risers(table.assign(predicted_change=[-0.1, 0, 0, -0.2, -0.3, 0]), 3).empty

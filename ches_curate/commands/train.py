@@ -162,7 +162,10 @@ def _report_run(run) -> None:
         _token_table("observed top gainers: tokens whose probability rose (p before or after >= 1e-3)", run.risers)
     else:
         console.print("observed top gainers: no other token rose (p before or after >= 1e-3)")
-    _token_table("predicted: largest first-order probability change of a gradient step", run.predicted_change)
+    if len(run.predicted_change):
+        _token_table("predicted: largest first-order probability rise of a gradient step", run.predicted_change)
+    else:
+        console.print("predicted: to first order, no token but y+ rises")
     _token_table("predicted: largest <W_z, W+ - W->", run.predicted)
     if len(run.watched):
         _token_table("watched tokens", run.watched)
