@@ -186,5 +186,6 @@ def test_probe_command_prints_the_run_and_both_predictions(tiny_llama_dir):
     assert result.exit_code == 0, result.output
     assert re.search(r"P\(y\+ = 'No', single token\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
     assert re.search(r"P\(y- = 'yes', single token\): [-+.\de]+ -> [-+.\de]+", result.output), result.output
-    assert "observed top gainers" in result.output and "first-order probability change" in result.output
+    assert "observed top gainers" in result.output
+    assert "first-order probability rise" in result.output or "to first order, no token but y+ rises" in result.output
     assert "single-token CHES" in result.output and "the loss" in result.output
