@@ -47,10 +47,16 @@ def load_plugins(plugins: list[str]) -> None:
 
 def check_config(config: PipelineConfig) -> None:
     """Fail before any work when a policy in `config` is unknown or has bad parameters (the training and
-    generation settings were validated with the file). The config's plugins are loaded first."""
+    generation settings were validated with the file), or when its `refusal` section cannot give the prompts.
+    The config's plugins are loaded first."""
     load_plugins(config.plugins)
     for policy in [config.policy, *config.ablation.policies]:
         validate_params(get_policy(policy.name).obj, policy.params)
+    if config.refusal is not None:
+        from ches_curate import onpolicy
+
+        onpolicy.check_config(config)
+        onpolicy.split_prompts(config.refusal)  # a missing prompt file, or too few prompts, fails here, not in a step
 
 
 def ingest_source(store: Store, spec: DatasetSpec) -> DatasetVersion:

@@ -217,3 +217,15 @@ def test_refusal_run_generates_judged_pairs_and_trains_three_arms(refusal_run):
     evaluated = json.loads(store.sql("SELECT config FROM ablations LIMIT 1").config[0])["n_eval_prompts"]
     assert evaluated == 8
     assert f"16 prompts → {len(written)} pairs" in printed and "refusal_rate_after" in printed
+
+
+def test_a_missing_prompt_file_is_refused_before_zenml_starts(tmp_path):
+    config = tmp_path / "refusal.yaml"
+    config.write_text(yaml.safe_dump({"store": str(tmp_path / "s.duckdb"),
+                                      "dataset": {"name": "x", "source": str(tmp_path / "pairs.jsonl")},
+                                      "refusal": {"source": "nowhere/prompts.jsonl", "n_prompts": 2,
+                                                  "n_eval_prompts": 1}}))
+    result = CliRunner().invoke(cli(), ["run", "refusal", "--config", str(config)])
+    assert isinstance(result.exception, ChesCurateError), result.output  # main() prints it as one line, exit 1
+    assert "nowhere/prompts.jsonl: does not exist" in str(result.exception)
+    assert not (tmp_path / "s.duckdb").exists() and "Initiating a new run" not in result.output
