@@ -26,7 +26,6 @@ from ches_curate.evaluate import (
 from ches_curate.hookspecs import hookimpl
 from ches_curate.models import load_model
 from ches_curate.pairs import PreferencePair
-from ches_curate.scoring import score_pairs
 from ches_curate.tokenization import encode_pair
 
 REFUSALS = [
