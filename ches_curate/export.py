@@ -15,8 +15,6 @@ Each pair is written once, at its first row, in dataset order; the output appear
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ches_curate import tokenization
+from ches_curate.atomic_files import replace_atomically
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import PreferencePair
 from ches_curate.store import Store
@@ -192,38 +191,11 @@ def _atomically(output: Path, directory: bool, write: Callable[[Path], int]) -> 
     if directory and output.exists() and not output.is_dir():
         raise ChesCurateError(f"{output} is a file; a datasets export is a directory: remove it or choose another "
                               "--output")
-    if directory:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        os.close(handle)
-        staging = Path(name)
     try:
-        os.chmod(staging, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make it private
-        count = write(staging)
-        if directory and output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output)
+        return replace_atomically(output, write, directory=directory)
     except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
         raise ChesCurateError(f"cannot write {output}: {err.strerror or err} (nothing was exported; "
                               "a file already at that path is unchanged)") from err
-    finally:
-        if staging.is_dir():
-            shutil.rmtree(staging)
-        elif staging.exists():
-            staging.unlink()
-    return count
-
-
-def _umask() -> int:
-    """The process umask; reading it means setting it, so it is put straight back."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 def _write_jsonl(records: Iterator[dict], path: Path, schema: pa.Schema) -> int:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
+from ches_curate.atomic_files import replace_atomically
 from ches_curate.configs import EvalConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.ingest import read_pairs
@@ -135,20 +134,15 @@ def build_pairs(prompts: Sequence[str], samples: Sequence[tuple[str, str]], refu
 
 
 def write_pairs(records: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write `records` as JSONL to `path` atomically (a temporary file in the same folder, then renamed)."""
+    """Write `records` as JSONL to `path` atomically (`atomic_files.replace_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+
+    def write(staging: Path) -> None:
+        with open(staging, "w", encoding="utf-8") as out:
             out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private (0600); a plain file is not
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(path, write)
     return path
 
 

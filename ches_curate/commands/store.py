@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ches_curate.atomic_files import replace_atomically
 from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
@@ -180,22 +179,11 @@ def _write_text(frame, fmt: str, file) -> None:
 
 def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
     """`write(temp)` into a temp file beside `output`, then rename it: a failed write leaves no partial file."""
-    temp = None
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(handle)
-        temp = Path(name)
-        write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; a plain open() would honour the umask
-        os.replace(temp, output)
+        replace_atomically(output, write)
     except OSError as err:
         raise ChesCurateError(f"cannot write {output}: {err.strerror or err}; nothing was written "
                               f"({_WRITE_FIXES.get(err.errno, 'check the path')} and rerun)") from err
-    finally:
-        if temp is not None and temp.exists():
-            temp.unlink()
 
 
 def _plain_columns(frame, render):
