@@ -45,14 +45,14 @@ def load_plugins(plugins: list[str]) -> None:
         load_plugin_module(plugin)
 
 
-def check_config(config: PipelineConfig) -> None:
+def check_config(config: PipelineConfig, pipeline: str | None = None) -> None:
     """Fail before any work when a policy in `config` is unknown or has bad parameters (the training and
-    generation settings were validated with the file), or when its `refusal` section cannot give the prompts.
-    The config's plugins are loaded first."""
+    generation settings were validated with the file), or, for the `refusal` pipeline, when the config cannot
+    drive it or its `refusal` section cannot give the prompts. The config's plugins are loaded first."""
     load_plugins(config.plugins)
     for policy in [config.policy, *config.ablation.policies]:
         validate_params(get_policy(policy.name).obj, policy.params)
-    if config.refusal is not None:
+    if pipeline == "refusal":
         from ches_curate import onpolicy
 
         onpolicy.check_config(config)

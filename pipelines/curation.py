@@ -42,8 +42,7 @@ def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = 
     """
     ingest, check_pairs, score, check_scores = for_dataset(config, ingest_dataset, validate_pairs, score_pairs,
                                                            validate_scores)
-    version = ingest(config.store, config.dataset) if after is None else ingest(config.store, config.dataset,
-                                                                                after=after)
+    version = ingest(config.store, config.dataset, after=after)
     pairs_quality = check_pairs(config.store, version, config.quality, skip_if_passed=skip_if_passed)
     score_run, _ = score(config.store, version, config.scoring, after=pairs_quality)
     return score_run, check_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import pandas as pd
-from zenml import get_step_context, log_metadata, pipeline, step
+from zenml import pipeline, step
 
 from ches_curate import curation, onpolicy
 from ches_curate.pipeline_config import AblationSpec, PipelineConfig, PolicySpec, ScoringSpec
@@ -32,9 +32,7 @@ def generate_refusal_pairs(config: PipelineConfig) -> tuple[
     onpolicy.check_config(config)
     curation.load_plugins(config.plugins)
     pairs = onpolicy.generate_pairs(config.refusal, config.scoring, config.dataset.source)
-    context = get_step_context()
-    log_metadata({"generation": pairs.metadata()}, step_id=context.step_run.id)
-    log_metadata({"generation": pairs.metadata()}, run_id_name_or_prefix=context.pipeline_run.id)
+    record("generation", pairs.metadata())
     return pairs.metadata(), pairs.eval_prompts
 
 

@@ -34,15 +34,16 @@ def named(stem: str) -> ArtifactConfig:
     return ArtifactConfig(name=artifact_template(stem))
 
 
-def record(stage: str, metadata: dict[str, Any], dataset: str, version: int) -> None:
+def record(stage: str, metadata: dict[str, Any], dataset: str | None = None, version: int | None = None) -> None:
     """Log `{stage: metadata}` on the running step, its pipeline run and the run's model version, and tag the
-    step's artifacts with the dataset version (`dataset_tags`).
+    step's artifacts with the dataset version (`dataset_tags`) when there is one (the refusal pipeline's
+    generation step runs before any).
 
     What `log_metadata` does, in one call: ZenML commits each key separately, so one
     key linked to three resources costs a third of three `log_metadata` calls.
     """
     context = get_step_context()
-    for template in context.step_run.config.outputs:
+    for template in (context.step_run.config.outputs if version is not None else ()):
         context.add_output_tags(dataset_tags(dataset, version),
                                 format_name_template(template, substitutions=context.step_run.config.substitutions))
     resources = [RunMetadataResource(id=context.step_run.id, type=MetadataResourceTypes.STEP_RUN),

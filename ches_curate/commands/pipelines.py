@@ -37,7 +37,7 @@ def load_config(config: Path, db: Path | None, pipeline: str, plugins: list[str]
     from ches_curate.curation import check_config
 
     loaded = PipelineConfig.from_file(config).with_store(db).with_plugins(list(plugins)).resolved()
-    check_config(loaded)
+    check_config(loaded, pipeline)
     return loaded
 
 
@@ -56,10 +56,6 @@ def run(
     if pipeline not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
     loaded = load_config(run_config_path(pipeline, config, small), db, pipeline, plugin)
-    if pipeline == "refusal":
-        from ches_curate.onpolicy import check_config
-
-        check_config(loaded)
     result = run_pipeline(pipeline, loaded)
     if result is None or str(result.status.value) != "completed":
         status = "submitted" if result is None else str(result.status.value)
