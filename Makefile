@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test bench dashboard clean
+.PHONY: venv browser demo test docs bench dashboard clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ browser:
 
 test: venv browser
 	$(PY) -m pytest -q
+
+# The documentation site into site/ (docs/, mkdocs.yml), offline; strict: a broken link, anchor or reference fails.
+# `make test` runs the same build (tests/test_docs.py).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The ZenML dashboard: installs zenml[server] (requirements-dashboard.txt; no pinned version changes) and starts a
 # local server. `zenml login --local` points the global ZenML config at it; `zenml logout --local` stops it and
