@@ -16,6 +16,7 @@ from rich.markup import escape
 from ches_curate.atomic_files import replace_atomically
 from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
+from ches_curate.query_guard import QueryLimits
 from ches_curate.terminal import printable
 
 console = Console()
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
             return
         _print_table(frame.drop(columns="content_hash"), title=None)
 
-    @app.command()
+    @app.command(context_settings={"ignore_unknown_options": True})  # a query may start with a `--` comment
     def sql(
         query: str = typer.Argument(..., help="SQL to run against the store (DuckDB dialect)."),
         db: options.Db = None,
@@ -85,14 +86,29 @@ def register(app: typer.Typer) -> None:
             False, "--write", help="Open the store for writing, outside the sandbox (needed for INSERT, UPDATE, ...): "
             "the query is trusted and may also read or write any file, attach databases and load extensions."
         ),
+        timeout: float = typer.Option(
+            QueryLimits.time_limit_s, "--timeout", min=0, help="Stop the query after this many seconds (0: no limit)."
+        ),
+        memory_limit: str = typer.Option(
+            QueryLimits.memory_limit, "--memory-limit", help="Memory the query may hold, e.g. 4GB or 25% (of RAM); "
+            "past it a read-only query fails (it never spills to disk)."
+        ),
     ) -> None:
         """Run SQL over the store. Tables and views are documented in the README.
 
         Without --write the query runs in DuckDB's read-only sandbox: it can read the store and
-        nothing else (no other files or URLs, no COPY, ATTACH, INSTALL/LOAD, SET or PRAGMA of settings).
+        nothing else (no other files or URLs, no temp files, no COPY, ATTACH, INSTALL/LOAD, SET or
+        PRAGMA of settings), and the store must be at the current schema (it is never migrated).
+        Ctrl-C or SIGTERM stops a running query (exit 130/143).
         """
+        from ches_curate.store import Store
+
         fmt = _sql_format(format, output)
-        result = _store(db).sql(query, write=write, arrow=fmt == "parquet")
+        store = Store(db, create=False, migrate=write)
+        if output is not None:
+            _refuse_store_output(output, store.path)
+        limits = QueryLimits(time_limit_s=timeout or None, memory_limit=memory_limit)
+        result = store.sql(query, write=write, arrow=fmt == "parquet", limits=limits)
         if fmt == "table":
             _print_table(result, title=None)
         elif output is None:
@@ -140,6 +156,8 @@ def register(app: typer.Typer) -> None:
             f"wrote {result.n_pairs:,} pairs ({style} TRL format, tokenization {result.tokenization_version}) from "
             f"{what}{escape(result.dataset_name)} v{result.dataset_version} to [bold]{escape(str(result.path))}[/]"
         )
+        if result.unscored and (note := result.unscored.note()):
+            console.print(f"[yellow]{escape(printable(note))}[/]", highlight=False)
         if result.left_out_columns:
             console.print(f"left out the columns {escape(', '.join(result.left_out_columns))}: TRL reads them, and "
                           "they would change the tokens it trains on")
@@ -156,6 +174,15 @@ def _sql_format(format: str | None, output: Path | None) -> str:
     if format == "table" and output is not None:
         raise ChesCurateError("--format table prints to the terminal; use csv, json or parquet with --output")
     return format
+
+
+def _refuse_store_output(output: Path, store: Path) -> None:
+    """`sql -o` must not replace the store it reads, its WAL or its temp folder (a 4-byte CSV is no store)."""
+    target = output.resolve()
+    kept = [store.resolve()] + [store.resolve().with_name(store.resolve().name + end) for end in (".wal", ".tmp")]
+    if target in kept or (output.exists() and any(k.exists() and output.samefile(k) for k in kept)):
+        raise ChesCurateError(f"--output {output} is the store {store} (or one of its files); writing there would "
+                              "destroy it. Choose another --output")
 
 
 def _write_file(result, fmt: str, path: Path) -> None:

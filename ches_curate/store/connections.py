@@ -28,7 +28,16 @@ DEFAULT_MEMORY_LIMIT = "256MB"
 _DISK_FULL = os.strerror(errno.ENOSPC)
 """How DuckDB's errors say the disk is full: 'Could not write file "x.wal": No space left on device'."""
 _LOCK_HOLDER = re.compile(r"held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+SANDBOX_DIRECTORY = "/nonexistent/ches-curate-sandbox"
+"""Where the sandbox points DuckDB's extension and secret directories: a path that says nothing
+about this machine (DuckDB's defaults name the home directory, and its errors print them)."""
 SANDBOX_SETTINGS = {
+    "temp_directory": "",
+    "http_proxy": "",
+    "http_proxy_username": "",
+    "http_proxy_password": "",
+    "extension_directory": SANDBOX_DIRECTORY,
+    "secret_directory": SANDBOX_DIRECTORY,
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
@@ -38,16 +47,22 @@ SANDBOX_SETTINGS = {
     "python_enable_replacements": False,
     "lock_configuration": True,
 }
-"""DuckDB settings of the sandbox, applied at connect time.
+"""DuckDB settings of the sandbox, applied in this order right after the store is opened.
 
-`enable_external_access=false` refuses every path and URL but the store's own files
-(COPY, EXPORT/IMPORT, ATTACH, read_* and glob, `FROM 'file.csv'`, INSTALL/LOAD, the
-secret directory), whatever statement wraps them (EXPLAIN ANALYZE, PREPARE). The
+`temp_directory=''` leaves DuckDB no directory at all: by default it is `<store>.tmp`,
+which external access may always write (EXPORT DATABASE, COPY and ATTACH into it
+worked), so a query that outgrows its memory limit fails instead of spilling. The proxy
+settings are emptied because DuckDB fills them from `$HTTP_PROXY` (user and password
+included) and `current_setting()` and `duckdb_settings()` print them; the extension and
+secret directories are pointed nowhere so no setting or error shows the home path.
+`enable_external_access=false` then refuses every path and URL but the store's own
+files (COPY, EXPORT/IMPORT, ATTACH, read_* and glob, `FROM 'file.csv'`, INSTALL/LOAD,
+the secret directory), whatever statement wraps them (EXPLAIN ANALYZE, PREPARE). The
 extension settings close autoloading. No Python variable is scanned as a table.
-`lock_configuration=true` refuses every SET, RESET and settings PRAGMA, so profiling
-and logging (which write files) stay off and nothing above can be turned back on.
-`allowed_directories`/`allowed_paths` stay empty; `temp_directory` stays DuckDB's
-own `<store>.tmp`, where large sorts spill and which DuckDB removes when it closes.
+`lock_configuration=true` comes last and refuses every SET, RESET and settings PRAGMA,
+so profiling and logging (which write files) stay off and nothing above can be turned
+back on. These are SET statements, not connect-time config: DuckDB applies config in
+its own order and refuses `temp_directory` once external access is off.
 """
 
 
@@ -82,14 +97,41 @@ def connect(path: Path, read_only: bool = False, timeout_s: float | None = None)
         con.close()
 
 
-def connect_sandboxed(path: Path, timeout_s: float | None = None) -> duckdb.DuckDBPyConnection:
+def connect_sandboxed(
+    path: Path, timeout_s: float | None = None, query_memory: str | None = None
+) -> duckdb.DuckDBPyConnection:
     """Open `path` read-only in DuckDB's sandbox (`SANDBOX_SETTINGS`); use it in a `with` to close it.
 
     A statement can read the store and nothing else: files, URLs, other databases,
     extensions and settings raise `duckdb.PermissionException` or a "configuration has
-    been locked" `InvalidInputException`. Waits for another process's lock like `connect`.
+    been locked" `InvalidInputException`. A query holds at most `query_memory` (DuckDB's
+    syntax: `4GB`, `25%`; default DuckDB's 80% of RAM) and never spills to disk. Waits
+    for another process's lock like `connect`.
     """
-    return _open_retrying(path, True, lock_timeout() if timeout_s is None else timeout_s, SANDBOX_SETTINGS)
+    con = _open_retrying(path, True, lock_timeout() if timeout_s is None else timeout_s, {})
+    try:
+        if query_memory:
+            set_memory_limit(con, query_memory)
+        for name, value in SANDBOX_SETTINGS.items():
+            _set(con, name, value)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def set_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> None:
+    """`SET memory_limit`, a bad value (`--memory-limit lots`) as one user error."""
+    try:
+        _set(con, "memory_limit", limit)
+    except duckdb.Error as err:
+        raise ChesCurateError(f"--memory-limit {limit!r}: {str(err).splitlines()[0]}") from err
+
+
+def _set(con: duckdb.DuckDBPyConnection, name: str, value: bool | str) -> None:
+    """`SET name = value`; DuckDB takes no parameters in SET, so the value is quoted here."""
+    literal = str(value).lower() if isinstance(value, bool) else "'" + value.replace("'", "''") + "'"
+    con.execute(f"SET {name} = {literal}")
 
 
 def open_connection(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:

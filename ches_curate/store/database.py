@@ -22,9 +22,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ches_curate import tokenization
+from ches_curate import query_guard, tokenization
 from ches_curate.store import connections, integrity, migrations
 from ches_curate.errors import ChesCurateError
+from ches_curate.models import superseded_keys
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.store.records import (
     LINK_SCHEMA, QUARANTINE_FIELDS, QUARANTINE_SCHEMA, ContentHash, DatasetVersion, ParquetSpill, pair_from_record,
@@ -53,15 +54,19 @@ PROBE_RUN_COLUMNS = (
 """Columns of a `probe_runs` row as written (`probe_run_id` and `created_at` are filled by the store)."""
 
 
-def _sql_error(err: duckdb.Error, write: bool, path: Path) -> ChesCurateError:
+def _sql_error(err: duckdb.Error, write: bool, path: Path, memory_limit: str | None = None) -> ChesCurateError:
     """DuckDB's error on one line: its hint and `LINE 1: ...` context kept, the line of carets dropped.
 
-    A refusal by the sandbox or by read-only mode says so, and how to get past it.
+    A refusal by the sandbox or by read-only mode says so, and how to get past it; so
+    does a query that outgrew its memory limit.
     """
     message = str(err)
     if integrity.is_damage(err):
         return integrity.damaged_error(path, message)
     lines = [line.strip() for line in message.splitlines() if line.strip().strip("^")] or [type(err).__name__]
+    if isinstance(err, duckdb.OutOfMemoryException):
+        return ChesCurateError(f"sql: the query needs more memory than its limit ({memory_limit or '80% of RAM'}): "
+                               f"{lines[0]} (raise --memory-limit, or select fewer rows or columns)")
     if not write and (isinstance(err, duckdb.PermissionException) or "configuration has been locked" in message):
         return ChesCurateError(f"sql: refused by the read-only sandbox: {lines[0]} (reading or writing files outside "
                                "the store, loading extensions and changing settings are off; use --write to trust "
@@ -72,8 +77,9 @@ def _sql_error(err: duckdb.Error, write: bool, path: Path) -> ChesCurateError:
 
 
 def _insert_model(con: duckdb.DuckDBPyConnection, key: str, info: dict[str, Any]) -> None:
-    con.execute("INSERT OR IGNORE INTO models (model_key, name, revision, file_hash, dtype) VALUES (?, ?, ?, ?, ?)",
-                [key, info.get("name"), info.get("revision"), info.get("file_hash"), info.get("dtype")])
+    columns = ("name", "revision", "file_hash", "dtype", "tokenizer_hash", "path")
+    con.execute(f"INSERT OR IGNORE INTO models (model_key, {', '.join(columns)}) VALUES (?{', ?' * len(columns)})",
+                [key, *(info.get(c) for c in columns)])
 
 
 def _no_valid_pairs(source: str, rejected: ParquetSpill) -> ChesCurateError:
@@ -103,17 +109,24 @@ class Store:
     """A DuckDB file with the ches_curate schema; migrated to the latest version on open.
 
     `create=False` refuses a path that does not exist (for read-only commands, where a
-    typo should not create an empty store). `lock_timeout_s` bounds the wait for a
+    typo should not create an empty store); `migrate=False` writes nothing at all and
+    refuses a file that is not a store at the latest schema. `lock_timeout_s` bounds the wait for a
     lock held by another process (default 5 s, or `$CHES_CURATE_LOCK_TIMEOUT`).
     """
 
-    def __init__(self, path: str | Path | None = None, *, create: bool = True, lock_timeout_s: float | None = None):
+    def __init__(
+        self, path: str | Path | None = None, *, create: bool = True, lock_timeout_s: float | None = None,
+        migrate: bool = True,
+    ):
         self.path = Path(path) if path is not None else default_path()
         self.lock_timeout_s = connections.lock_timeout() if lock_timeout_s is None else lock_timeout_s
         if not self.path.exists() and not create:
             raise ChesCurateError(f"no store at {self.path} (create one with `ches-curate ingest FILE --dataset NAME`, "
                                   "or pass --db)")
-        migrations.ensure_latest(self.path, self.connect)
+        if migrate:
+            migrations.ensure_latest(self.path, self.connect)
+        else:
+            migrations.require_latest(self.path, self.connect)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -422,9 +435,7 @@ class Store:
         """
         dv = self.dataset_version(name, version)
         model_key = self.scoring_model(dv.name, dv.version, model_key)
-        if tokenization_version is None:
-            found = self.tokenization_versions(dv.name, dv.version, model_key)
-            tokenization_version = next((v for v in _current_versions() if v in found), _current_versions()[0])
+        tokenization_version = tokenization_version or self.read_tokenization(dv.name, dv.version, model_key)
         score_cols = ", ".join(f"s.{c}" for c in SCORE_VALUES)
         with self.connect(read_only=True) as con:
             frame = con.execute(
@@ -437,6 +448,13 @@ class Store:
         frame["prompt"] = [json.loads(m) if isinstance(m, str) else p for p, m in zip(frame.prompt, frame.prompt_messages)]
         frame["metadata"] = [json.loads(m) if isinstance(m, str) else {} for m in frame.metadata]
         return frame.drop(columns="prompt_messages")
+
+    def read_tokenization(self, name: str, version: int, model_key: str) -> str:
+        """The tokenization version `scores` reads `model_key`'s scores of the version under when not told: the one
+        in effect if it has scores there, else the other current one (`2-raw`, say, for a model without a chat
+        template), else the one in effect."""
+        found = self.tokenization_versions(name, version, model_key)
+        return next((v for v in _current_versions() if v in found), _current_versions()[0])
 
     def tokenization_versions(self, name: str, version: int, model_key: str,
                               selection_id: int | None = None) -> dict[str, int]:
@@ -473,10 +491,13 @@ class Store:
                       required: bool = True) -> str | None:
         """The model whose scores of a version to use: `requested` if it scored the version, else the only one.
 
-        Several models and no choice is an error naming them; no model at all is an error
-        unless `required=False` (then None). Every command that reads scores asks here.
+        Several models and no choice is an error naming them, except that a key of unknown tokenizer
+        (`models.superseded_keys`) gives way to its model's key that names one; no model at all is an
+        error unless `required=False` (then None). Every command that reads scores asks here.
         """
         keys = self.scoring_models(name, version)
+        if requested is None and len(keys) > 1:  # a key of unknown tokenizer whose model has scored again
+            keys = [k for k in keys if k not in superseded_keys(keys)]
         if requested is not None:
             if requested not in keys:
                 raise ChesCurateError(f"dataset {name!r} v{version} has no scores from model {requested!r} "
@@ -502,12 +523,14 @@ class Store:
 
     def record_selection(
         self, policy: str, params: dict[str, Any] | None, name: str, version: int, model_key: str | None,
-        frame: pd.DataFrame, score_column: str | None, *, source: str = "api",
+        frame: pd.DataFrame, score_column: str | None, *, source: str = "api", tokenization_version: str | None = None,
+        scored_pairs_hash: str | None = None,
     ) -> tuple[int, bool]:
         """`save_selection`, and whether an identical selection was reused rather than written.
 
-        Identical: same source, dataset version, model, policy, params, score column and the
-        same (pair_id, kept, rank) for every pair. The source is part of it so that a
+        Identical: same source, dataset version, model, tokenization version of the scores, policy,
+        params, score column, set of scored pairs decided (`scored_pairs_hash`, see
+        `selection.scored_pairs_hash`) and the same (pair_id, kept, rank) for every pair. The source is part of it so that a
         selection keeps saying where it came from: the same `filter` twice is one selection,
         while an ablation arm never takes over (or hands over) a user's selection, which
         `report` and `selections` show by default.
@@ -524,26 +547,28 @@ class Store:
                    WHERE s.dataset_name = ? AND s.dataset_version = ? AND s.model_key IS NOT DISTINCT FROM ?
                      AND s.policy = ? AND CAST(s.params AS VARCHAR) IS NOT DISTINCT FROM ?
                      AND s.score_column IS NOT DISTINCT FROM ? AND s.source = ?
+                     AND s.tokenization_version IS NOT DISTINCT FROM ? AND s.scored_pairs_hash IS NOT DISTINCT FROM ?
                    GROUP BY s.selection_id HAVING count(*) = ? AND count(d.pair_id) = ?
                    ORDER BY s.selection_id DESC LIMIT 1""",
-                [name, version, model_key, policy, params_json, score_column, source,
-                 len(decisions), len(decisions)],
+                [name, version, model_key, policy, params_json, score_column, source, tokenization_version,
+                 scored_pairs_hash, len(decisions), len(decisions)],
             ).fetchall()
             if same:
                 return int(same[0][0]), True
             selection_id = con.execute("SELECT nextval('selection_id_seq')").fetchall()[0][0]
             con.execute(
                 "INSERT INTO selections (selection_id, policy, params, dataset_name, dataset_version, model_key, "
-                "pair_id, kept, rank, score_column, source) "
-                "SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ?, ? FROM decisions",
-                [selection_id, policy, params_json, name, version, model_key, score_column, source],
+                "pair_id, kept, rank, score_column, source, tokenization_version, scored_pairs_hash) "
+                "SELECT ?, ?, ?, ?, ?, ?, pair_id, kept, rank, ?, ?, ?, ? FROM decisions",
+                [selection_id, policy, params_json, name, version, model_key, score_column, source,
+                 tokenization_version, scored_pairs_hash],
             )
         return int(selection_id), False
 
     def selections(self, name: str | None = None, version: int | None = None, *,
                    include_ablation: bool = True) -> pd.DataFrame:
         """One row per selection, newest first: selection_id, source, dataset_name, dataset_version, model_key,
-        policy, params, score_column, n_pairs, n_kept, n_removed, created_at.
+        policy, params, score_column, tokenization_version, n_pairs, n_kept, n_removed, created_at.
 
         An arm named by an `ablations` row counts as `ablation` whatever its recorded source.
         """
@@ -564,7 +589,8 @@ class Store:
                          AS source, any_value(dataset_name) AS dataset_name,
                          any_value(dataset_version) AS dataset_version, any_value(model_key) AS model_key,
                          any_value(policy) AS policy, CAST(any_value(params) AS VARCHAR) AS params,
-                         any_value(score_column) AS score_column, count(*) AS n_pairs,
+                         any_value(score_column) AS score_column,
+                         any_value(tokenization_version) AS tokenization_version, count(*) AS n_pairs,
                          count(*) FILTER (WHERE kept) AS n_kept, count(*) FILTER (WHERE NOT kept) AS n_removed,
                          min(created_at) AS created_at
                   FROM selections GROUP BY selection_id)
@@ -620,19 +646,28 @@ class Store:
             con.execute(f"INSERT INTO quarantine ({columns}) SELECT {columns} FROM new_quarantine")
 
     def sql(
-        self, query: str, write: bool = False, params: list | None = None, *, arrow: bool = False
+        self, query: str, write: bool = False, params: list | None = None, *, arrow: bool = False,
+        limits: query_guard.QueryLimits | None = None,
     ) -> pd.DataFrame | pa.Table:
         """Run SQL over the store: a DataFrame, or with `arrow` a pyarrow Table (DuckDB's exact types).
 
         Without `write` the query runs in `connections.connect_sandboxed`: the store is
         read-only and DuckDB refuses files outside it, URLs, extensions and settings, so
         no statement (EXPLAIN ANALYZE COPY ..., PREPARE, SET profiling_output) escapes it.
-        `write` opens the usual writable connection and trusts the query. A query without
-        statements and DuckDB's errors become a `ChesCurateError`.
+        `write` opens the usual writable connection and trusts the query. `limits` bound
+        the query's time and memory and let SIGINT/SIGTERM stop it (`ches_curate.query_guard`; none by
+        default, for the library's own reads). A query
+        without statements and DuckDB's errors become a `ChesCurateError`.
         """
-        opened = self.connect() if write else connections.connect_sandboxed(self.path, self.lock_timeout_s)
-        with opened as con:
+        limits = limits or query_guard.UNBOUNDED
+        if write:
+            opened = self.connect()
+        else:
+            opened = connections.connect_sandboxed(self.path, self.lock_timeout_s, limits.memory_limit)
+        with opened as con, query_guard.guarded(con, limits) as guard:
             try:
+                if write and limits.memory_limit:
+                    connections.set_memory_limit(con, limits.memory_limit)
                 if not con.extract_statements(query):
                     raise ChesCurateError("sql: no statement to run (the query is empty or only comments)")
                 if arrow:  # a relation streams into Arrow; a DB-API result would copy every row first
@@ -641,4 +676,5 @@ class Store:
                 result = con.execute(query, params)
                 return result.df() if result.description else pd.DataFrame()
             except duckdb.Error as err:
-                raise _sql_error(err, write, self.path) from err
+                guard.raise_if_stopped(err)
+                raise _sql_error(err, write, self.path, limits.memory_limit) from err

@@ -237,9 +237,68 @@ ABLATION_DESIGNS = Migration(
     ),
 )
 
+KEYED_TABLES = ("models", "scores", "score_runs", "selections", "quality_runs", "ablations", "train_runs", "probe_runs")
+"""The tables with a `model_key` column when migration 9 was written."""
+
+# A model key names the tokenizer too (`models.tokenizer_hash`: vocabulary, special tokens, chat
+# template), so a changed template is a new key. The keys made before cannot say which tokenizer
+# scored: each gets `/tokenizer-unknown` appended everywhere it appears, so its scores stay and say
+# so; loading the model gives a key that names its tokenizer, under which the pairs are scored again.
+# A selection records the scores it read (their tokenization version) and the set of scored pairs it
+# decided on (`scored_pairs_hash`); one made before records neither (NULL) and is never reused.
+TOKENIZER_IN_MODEL_KEY = Migration(
+    9,
+    "model keys name the tokenizer (older keys: /tokenizer-unknown); models.tokenizer_hash, path; "
+    "selections.tokenization_version, scored_pairs_hash",
+    (
+        "ALTER TABLE models ADD COLUMN tokenizer_hash VARCHAR",
+        "ALTER TABLE models ADD COLUMN path VARCHAR",
+        "ALTER TABLE selections ADD COLUMN tokenization_version VARCHAR",
+        "ALTER TABLE selections ADD COLUMN scored_pairs_hash VARCHAR",
+        *(f"UPDATE {table} SET model_key = model_key || '/tokenizer-unknown' WHERE model_key IS NOT NULL"
+          for table in KEYED_TABLES),
+    ),
+)
+
+# Scores beyond the four columns of `scores`: plugins' scores, the log-probs and imported values, one row per
+# pair, model key and score name (`ches_curate.store.plugin_scores` says how they are written and read). The
+# store recreates `latest_scores_wide` (latest_scores plus a column per stored score) whenever a new score is
+# stored; a later migration that changes latest_scores' columns must recreate it too (DuckDB refuses a view
+# whose underlying columns changed).
+PLUGIN_SCORES = Migration(
+    10,
+    "plugin_scores, score_definitions, score_imports; views latest_scores_wide, plugin_score_summary",
+    (
+        f"""CREATE TABLE plugin_scores (
+            pair_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, tokenization_version VARCHAR NOT NULL,
+            score_name VARCHAR NOT NULL, score_version VARCHAR NOT NULL, value DOUBLE, failure VARCHAR,
+            run_id INTEGER, import_id INTEGER, computed_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        f"""CREATE TABLE score_definitions (
+            score_name VARCHAR NOT NULL, score_version VARCHAR NOT NULL, plugin VARCHAR NOT NULL, description VARCHAR,
+            needs JSON, model_bound BOOLEAN NOT NULL, updated_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        "CREATE SEQUENCE score_import_id_seq START 1",
+        f"""CREATE TABLE score_imports (
+            import_id INTEGER PRIMARY KEY DEFAULT nextval('score_import_id_seq'), score_name VARCHAR NOT NULL,
+            source VARCHAR NOT NULL, source_sha256 VARCHAR NOT NULL, key_column VARCHAR NOT NULL,
+            dataset_name VARCHAR, dataset_version INTEGER, n_rows BIGINT NOT NULL, n_imported BIGINT NOT NULL,
+            n_rejected BIGINT NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT {NOW_UTC})""",
+        "CREATE VIEW latest_scores_wide AS SELECT l.* FROM latest_scores l",
+        f"""CREATE VIEW plugin_score_summary AS
+            SELECT dataset_name, dataset_version, model_key, score_name, score_version, n_scored, n_failed,
+                   value_mean, value_min, {_quantiles("value")}, value_max
+            FROM (
+                SELECT dp.name AS dataset_name, dp.version AS dataset_version, ps.model_key, ps.score_name,
+                       ps.score_version, count(ps.value) AS n_scored, count(ps.failure) AS n_failed,
+                       avg(ps.value) AS value_mean, min(ps.value) AS value_min, max(ps.value) AS value_max,
+                       quantile_cont(ps.value, [0.05, 0.25, 0.5, 0.75, 0.95]) AS value_q
+                FROM dataset_pairs dp JOIN plugin_scores ps ON ps.pair_id = dp.pair_id
+                GROUP BY dp.name, dp.version, ps.model_key, ps.score_name, ps.score_version)""",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE, CURATION, VIEWS, UNINDEXED_PAIRS_AND_SCORES, TOKENIZATION_VERSION_OF_SCORES, SELECTION_SOURCE_AND_TRAIN_RUNS,
-    PROBE_RUNS, ABLATION_DESIGNS,
+    PROBE_RUNS, ABLATION_DESIGNS, TOKENIZER_IN_MODEL_KEY, PLUGIN_SCORES,
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -298,19 +357,42 @@ def ensure_latest(path: Path, connect: Callable) -> None:
     A file from a newer ches-curate is refused rather than guessed at; so are a truncated
     file and a DuckDB database that is not a store (our tables are never added to it).
     """
-    if path.exists():
-        with connect(read_only=True) as con:
-            integrity.check_file_size(con, path)
-            version, done = current_version(con), applied_versions(con)
-            if version == 0 and (tables := _user_tables(con)):
-                raise integrity.foreign_database_error(path, tables)
-        if done.issuperset(m.version for m in MIGRATIONS) and version == LATEST_VERSION:
-            return
-        if version > LATEST_VERSION:
-            raise ChesCurateError(
-                f"{path} has schema version {version}, newer than this ches-curate knows ({LATEST_VERSION}); "
-                "upgrade ches-curate"
-            )
+    if path.exists() and _checked_version(path, connect)[1]:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with connect() as con:
         apply(con)
+
+
+def require_latest(path: Path, connect: Callable) -> None:
+    """Refuse the store at `path` unless it is at the latest schema, writing nothing (for read-only use).
+
+    An empty DuckDB file or an older store is named with the command that makes it
+    current; everything `ensure_latest` refuses is refused the same way.
+    """
+    version, current = _checked_version(path, connect)
+    if version == 0:
+        raise ChesCurateError(f"{path} is an empty DuckDB database, not a ches_curate store yet; nothing was written "
+                              f"to it (make it one with `ches-curate ingest FILE --dataset NAME --db {path}`)")
+    if not current:
+        raise ChesCurateError(
+            f"{path} has schema version {version}; this ches-curate reads version {LATEST_VERSION} and a read-only "
+            f"command does not migrate (upgrade it with `ches-curate datasets --db {path}`, which migrates on open; "
+            "an older ches-curate cannot open it after that)"
+        )
+
+
+def _checked_version(path: Path, connect: Callable) -> tuple[int, bool]:
+    """The schema version of the existing file at `path`, read without writing, and whether it is current
+    (every migration recorded). A truncated file, a foreign database and a newer store raise."""
+    with connect(read_only=True) as con:
+        integrity.check_file_size(con, path)
+        version, done = current_version(con), applied_versions(con)
+        if version == 0 and (tables := _user_tables(con)):
+            raise integrity.foreign_database_error(path, tables)
+    if version > LATEST_VERSION:
+        raise ChesCurateError(
+            f"{path} has schema version {version}, newer than this ches-curate knows ({LATEST_VERSION}); "
+            "upgrade ches-curate"
+        )
+    return version, version == LATEST_VERSION and done.issuperset(m.version for m in MIGRATIONS)
