@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,7 +31,10 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.terminal import printable
 
 SCORABLE_COLUMNS = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
-"""Columns a policy may rank by; `score_column` names one, with a leading `-` to negate it."""
+"""The built-in score columns. A policy may rank by any stored score (these, a plugin's, an imported one):
+`score_column` names one, with a leading `-` to negate it."""
+_SCORE_NAME = re.compile(r"^-?[a-z][a-z0-9_]*$")
+_NOT_SCORES = ("row", "chosen_tokens", "rejected_tokens", "truncated")
 
 POLICY_HOOK = "register_filter_policies"
 
@@ -42,15 +46,15 @@ class PolicyParams(BaseModel):
 
     score_column: str = Field(
         "ches",
-        description="Score to rank by: ches, ln_ches, last_hidden_ip or -edit_distance "
-        "(a leading '-' negates, so the most similar pairs rank highest).",
+        description="Score to rank by: ches, ln_ches, last_hidden_ip, -edit_distance or any stored score "
+        "(a plugin's, an imported one); a leading '-' negates, so -edit_distance ranks the most similar pairs highest.",
     )
 
     @field_validator("score_column")
     @classmethod
     def _known_score_column(cls, value: str) -> str:
-        if value.removeprefix("-") not in SCORABLE_COLUMNS:
-            raise ValueError(f"must be one of {', '.join(SCORABLE_COLUMNS)}, optionally prefixed by '-'")
+        if not _SCORE_NAME.match(value):
+            raise ValueError(f"must be a score name such as {', '.join(SCORABLE_COLUMNS)}, optionally prefixed by '-'")
         return value
 
 
@@ -119,7 +123,11 @@ def score_values(scores: pd.DataFrame, score_column: str) -> np.ndarray:
     """The float64 values of `score_column` (negated for a leading `-`); NaN is an error naming the pairs."""
     column = score_column.removeprefix("-")
     if column not in scores.columns:
-        raise ChesCurateError(f"the scores table has no column '{column}' (columns: {', '.join(map(str, scores.columns))})")
+        known = [str(c) for c in scores.columns if c not in _NOT_SCORES and pd.api.types.is_numeric_dtype(scores[c])]
+        raise ChesCurateError(
+            f"the scores table has no score '{column}' (scores: {', '.join(known)}); compute a registered score with "
+            "`ches-curate score --scores NAME` or bring values in with `ches-curate scores import`"
+        )
     values = scores[column].to_numpy(dtype=np.float64, na_value=np.nan)
     missing = np.isnan(values)
     if missing.any():

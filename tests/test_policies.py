@@ -203,9 +203,13 @@ def test_arrow_tables_and_empty_tables_are_accepted():
                                  "string as an integer (got 'many')"),
         ("top-k", {"k": 1, "kk": 2}, "policy 'top-k': param 'kk': Extra inputs are not permitted "
                                      "(known params: score_column, k)"),
-        ("top-k", {"k": 1, "score_column": "chess"}, "policy 'top-k': param 'score_column': must be one of ches, "
-                                                      "ln_ches, last_hidden_ip, edit_distance, optionally prefixed "
-                                                      "by '-' (got 'chess')"),
+        ("top-k", {"k": 1, "score_column": "Ches!"}, "policy 'top-k': param 'score_column': must be a score name "
+                                                      "such as ches, ln_ches, last_hidden_ip, edit_distance, "
+                                                      "optionally prefixed by '-' (got 'Ches!')"),
+        ("top-k", {"k": 1, "score_column": "chess"}, "the scores table has no score 'chess' (scores: ches, ln_ches, "
+                                                      "last_hidden_ip, edit_distance); compute a registered score "
+                                                      "with `ches-curate score --scores NAME` or bring values in with "
+                                                      "`ches-curate scores import`"),
         ("percentile", {"p": 101}, "policy 'percentile': param 'p': Input should be less than or equal to 100 "
                                    "(got 101)"),
         ("threshold", {"value": "nan"}, "policy 'threshold': param 'value': Input should be a finite number "
@@ -234,5 +238,6 @@ def test_unknown_policy_lists_the_available_ones():
 
 
 def test_missing_score_column_is_named():
-    with pytest.raises(ChesCurateError, match="the scores table has no column 'last_hidden_ip'"):
+    message = r"the scores table has no score 'last_hidden_ip' \(scores: ches, ln_ches, edit_distance\)"
+    with pytest.raises(ChesCurateError, match=message):
         apply_policy(score_table([1.0]).drop(columns="last_hidden_ip"), "top-k", {"k": 1, "score_column": "last_hidden_ip"})
