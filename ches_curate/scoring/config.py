@@ -35,7 +35,8 @@ class ScoringConfig:
     prompt_sharing: str = "auto"
     """`block` (one row per pair under a block mask), `cache` (the prompt's KV cache), or `auto`: block if the model takes it."""
     padding_side: str = "right"
-    """Where padding goes inside a batch; only for testing that it does not matter."""
+    """Where padding goes inside a block or unshared batch; only for testing that it does not matter (the
+    KV-cache path always left-pads prompts)."""
     bucket_batches: int = 16
     """Read this many batches ahead and sort them by length to reduce padding."""
     on_error: str = "fail"

@@ -9,12 +9,16 @@ Why it is fast:
   CHES uses, so it is never fed;
 - batches are cut by a token budget (padding included) from length-sorted read-ahead,
   so short pairs share a pass and long ones do not drag padding along.
-Models that take no custom 4D mask (sliding-window layers, flash attention, ALiBi)
-reuse the prompt's KV cache for both responses instead.
+Models that take no custom 4D mask (sliding-window or chunked layers, flash attention,
+ALiBi) reuse the prompt's KV cache for both responses instead; `prompt_sharing="block"`
+is refused for them, with the reason.
 
 Why it is exact: masks and position ids make padding and the other response invisible,
 and hidden states are summed in float64, so results do not depend on batching, padding
-side or prompt sharing beyond float32 kernel rounding.
+side or prompt sharing beyond float32 kernel rounding. The cache path always pads prompts
+on the left: each row's tokens are then contiguous, so a token's distance in the tensor is
+its distance in positions, which sliding-window masks, windowed caches (they keep the last
+W-1 columns) and index-based ALiBi go by.
 """
 
 from __future__ import annotations
@@ -179,11 +183,17 @@ class Scorer:
     def _pick_mode(self) -> str:
         if not self.config.share_prompt:
             return "unshared"
-        if self.config.prompt_sharing != "auto":
-            return self.config.prompt_sharing
-        return "block" if _takes_block_mask(self.loaded.model) and self._block_mask_probe() else "cache"
+        if self.config.prompt_sharing == "cache":
+            return "cache"
+        forced = self.config.prompt_sharing == "block"
+        refusal = _block_mask_refusal(self.loaded.model) or self._block_mask_probe()
+        if refusal and forced:
+            raise ChesCurateError(f"prompt_sharing=block: {self.key} {refusal}; use prompt_sharing auto or cache")
+        if refusal:
+            logger.info("%s %s; reusing the prompt's KV cache instead", self.key, refusal)
+        return "cache" if refusal else "block"
 
-    def _block_mask_probe(self) -> bool:
+    def _block_mask_probe(self) -> str | None:
         """Check the block mask on one short pair against two plain passes: a model may accept and misread it.
 
         Compared: the rejected response's last state, which a misread mask lets see the chosen
@@ -193,13 +203,15 @@ class Scorer:
         ids = [v % vocab for v in (5, 6, 7, 8, 9, 10, 11, 13, 17, 19, 31, 37, 41, 43, 23, 29, 47, 53)]
         probe = EncodedPair(ids[:7], ids[7:14], ids[14:], truncated=False)
         with torch.inference_mode():
-            block = self._hidden_sums_block([probe])[1][1].double()
+            try:
+                block = self._hidden_sums_block([probe])[1][1].double()
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                return f"fails on a block attention mask ({type(err).__name__}: {err})"
             plain = self._hidden_sums_unshared([probe])[1][1].double()
         tolerance = 1e-3 if self.loaded.model.dtype in (torch.float32, torch.float64) else 0.1
-        works = bool((block - plain).norm() <= tolerance * plain.norm())
-        if not works:
-            logger.warning("%s misreads a block attention mask; reusing the prompt's KV cache instead", self.key)
-        return works
+        if (block - plain).norm() <= tolerance * plain.norm():
+            return None
+        return "misreads a block attention mask (a one-pair probe differs from two plain passes)"
 
     def _pad(self, sequences: list[list[int]], fill: int, left: bool | None = None) -> torch.Tensor:
         """A (rows, longest) tensor of `sequences`, padded with `fill` on the configured side."""
@@ -247,15 +259,14 @@ class Scorer:
     def _hidden_sums_cached(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """The same sums with the prompt run once and its KV cache repeated for both responses."""
         device = self.loaded.device
-        prompt_ids = self._pad([t.prompt_ids for t in tokens], self.pad_id)
-        prompt_mask = self._pad([[1] * len(t.prompt_ids) for t in tokens], 0)
+        # Left-padded, so that every row's responses follow its prompt directly (see the module docstring).
+        prompt_ids = self._pad([t.prompt_ids for t in tokens], self.pad_id, left=True)
+        prompt_mask = self._pad([[1] * len(t.prompt_ids) for t in tokens], 0, left=True)
         prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.base(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                         position_ids=prompt_pos.to(device), use_cache=True)
         prompt_lens = prompt_mask.sum(-1)
-        last_prompt = prompt_pos.shape[1] - 1 if self.config.padding_side == "left" else prompt_lens - 1
-        rows = torch.arange(len(tokens))
-        prompt_last = out.last_hidden_state[rows, last_prompt].repeat_interleave(2, dim=0)
+        prompt_last = out.last_hidden_state[:, -1].repeat_interleave(2, dim=0)
         sums, lasts = prompt_last.double(), prompt_last.clone()
         responses = [ids[:-1] for t in tokens for ids in (t.chosen_ids, t.rejected_ids)]
         if max(map(len, responses)) == 0:
@@ -308,13 +319,33 @@ def _gather_sums(hidden: torch.Tensor, predicting: list[int], owners: list[int],
     return sums, flat[torch.tensor(lasts, device=device)]
 
 
-def _takes_block_mask(model) -> bool:
-    """Whether `model` applies a custom 4D mask as given: SDPA or eager attention, no windowed layers, position ids."""
+# Config fields that give some layers a local window: Mistral/Qwen2/Gemma `sliding_window`, GPT-Neo `window_size`
+# (its "local" layers), Llama-4 `attention_chunk_size`. A window counts even if no row may reach it: the cache
+# path is exact either way.
+_WINDOW_FIELDS = ("sliding_window", "window_size", "attention_chunk_size")
+
+
+def _block_mask_refusal(model) -> str | None:
+    """Why `model` cannot apply a custom 4D block mask as given (None if it can), as words after the model's name.
+
+    It needs SDPA or eager attention, position ids, and full attention on every layer: a
+    window is a distance in positions, but in a block row the rejected tokens sit |y+| - 1
+    columns further from the prompt than their positions say.
+    """
     config = model.config
     layer_types = set(getattr(config, "layer_types", None) or ())
-    windowed = bool(layer_types - {"full_attention"}) if layer_types else bool(getattr(config, "sliding_window", None))
-    takes_positions = "position_ids" in inspect.signature(model.base_model.forward).parameters
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not windowed and takes_positions
+    if layer_types - {"full_attention"}:
+        return f"has {', '.join(sorted(layer_types - {'full_attention'}))} layers, which a block mask cannot express"
+    windows = {name: value for name in _WINDOW_FIELDS if isinstance(value := getattr(config, name, None), int)}
+    if windows and not layer_types:
+        return f"has windowed attention ({', '.join(f'{k}={v}' for k, v in windows.items())}), " \
+               "which a block mask cannot express"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"uses {implementation} attention, which takes no custom 4D mask"
+    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        return "takes no position ids (ALiBi or positions counted from the mask)"
+    return None
 
 
 def _finite(value: float) -> bool:
