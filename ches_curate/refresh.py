@@ -8,8 +8,10 @@ version and compare its decision with the previous one, pair by pair:
 - `removed`: in the previous selection, gone from the new one (dropped from the source, or quarantined);
 - `now_kept` / `now_removed`: in both, with the `kept` decision flipped (e.g. a percentile cut moved).
 
-When the content did not change, the selection already made for this version with the
-same policy, parameters and model is reused: no new rows, an empty diff.
+The selection is made by `selection.select`, whose one rule decides reuse: when the
+content, its scores and the policy did not change, the refresh selection already made is
+reused (no new rows, an empty diff); when more pairs of the same version were scored
+since, it is a new selection, compared with the one made on fewer pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from ches_curate.selection import Selection, load_selection, select
+from ches_curate.selection import Selection, select
 from ches_curate.pipeline_config import PolicySpec
 from ches_curate.policies import get_policy, validate_params
 from ches_curate.store import Store
@@ -82,16 +84,15 @@ def matching_selections(store: Store, name: str, model_key: str, policy: PolicyS
 
 
 def reselect(store: Store, name: str, version: int, model_key: str, policy: PolicySpec) -> tuple[Selection, SelectionDiff]:
-    """The selection for `version` (reused if this policy already selected on it) and its diff with the previous one.
+    """The selection for `version` (`select`: reused when identical) and its diff with the previous one.
 
-    The previous one is the newest matching selection on an earlier version (None on a first run).
+    A reused selection has an empty diff. A new one is compared with the newest matching
+    selection made before it on this or an earlier version (None on a first run).
     """
-    matching = matching_selections(store, name, model_key, policy)
-    same_version = matching[matching.dataset_version == version]
-    if len(same_version):
-        selection_id = int(same_version.selection_id.iloc[0])
-        return load_selection(store, selection_id), diff_selections(store, selection_id, selection_id)
-    earlier = matching[matching.dataset_version < version]
-    previous = int(earlier.selection_id.iloc[0]) if len(earlier) else None
     selection = select(store, name, version, model_key, policy.name, policy.params, source="refresh")
+    if selection.reused:
+        return selection, diff_selections(store, selection.selection_id, selection.selection_id)
+    matching = matching_selections(store, name, model_key, policy)
+    earlier = matching[(matching.dataset_version <= version) & (matching.selection_id < selection.selection_id)]
+    previous = int(earlier.selection_id.iloc[0]) if len(earlier) else None
     return selection, diff_selections(store, previous, selection.selection_id)

@@ -26,6 +26,7 @@ import pandas as pd
 from ches_curate import __version__, report_ablation, report_plots, report_probe
 from ches_curate.errors import ChesCurateError
 from ches_curate.store import DatasetVersion, Store
+from ches_curate.selection import unscored
 
 from ches_curate.report_ablation import Query
 from ches_curate.report_values import floats as _floats, records as _records
@@ -92,6 +93,7 @@ def build_report(
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
         ablation=report_ablation.ablation_section(arms, per_pair, slices), removed_pairs=removed_pairs,
         refresh_diff=_refresh_diff(store, selection, config), probes=probes,
+        unscored=unscored(store, dv.name, dv.version, model_key) if model_key is not None else None,
     )
 
 

@@ -4,12 +4,19 @@
 (curation, refresh) and the ablation arms alike: the policy sees each scored pair
 once, never a quarantined one (it failed an `error` quality expectation or could not
 be scored), and the decision is stored in one transaction, with where it came from
-(`source`). Making the same selection twice records it once (`Store.record_selection`).
+(`source`), the scores it read (model key, tokenization version) and the set of scored
+pairs it decided on (`scored_pairs_hash`). It is also the one reuse rule: a selection is
+reused only when all of these, the policy, its params and every decision are identical
+(`Store.record_selection`), so a selection made before more pairs were scored is never
+taken for the version's. The pairs of the version left undecided for want of a score are
+counted (`unscored`), so `filter`, `export` and the report can say so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +24,9 @@ import pandas as pd
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.policies import SelectionResult, apply_policy
+from ches_curate.tokenization import is_raw
 from ches_curate.store import Store
+from ches_curate.store.database import default_path
 
 EXCLUDED_STAGES = ("quality", "scoring")
 """Quarantine stages whose pairs never reach a policy: they failed an `error` expectation or could not be scored."""
@@ -46,6 +55,8 @@ class Selection:
     """The policy's full result (with the input-row counts), when the selection was just made."""
     reused: bool = False
     """True when an identical selection was already recorded and `selection_id` is that one."""
+    unscored: Unscored | None = None
+    """The pairs of the version the policy could not decide on for want of a score (None: no model)."""
 
     @property
     def kept_fraction(self) -> float:
@@ -59,7 +70,72 @@ class Selection:
         """The counts as JSON-ready run metadata."""
         return {"selection_id": self.selection_id, "policy": self.policy, "policy_params": self.params,
                 "n_selected_from": self.n_pairs, "n_kept": self.n_kept, "n_removed": self.n_pairs - self.n_kept,
-                "n_excluded_quarantined": self.n_excluded, "kept_fraction": self.kept_fraction}
+                "n_excluded_quarantined": self.n_excluded, "kept_fraction": self.kept_fraction,
+                "n_unscored": self.unscored.n_unscored if self.unscored else 0}
+
+
+@dataclass(frozen=True)
+class Unscored:
+    """How many distinct pairs of a dataset version have no score from a model under a tokenization version.
+
+    A pair quarantined at stage `scoring` (the model could not score it) is not counted: the
+    quarantine table says why it has no score.
+    """
+
+    dataset_name: str
+    dataset_version: int
+    model_key: str
+    tokenization_version: str
+    n_pairs: int
+    n_unscored: int
+    command: str
+    """The `ches-curate score` command that scores them."""
+
+    def note(self) -> str | None:
+        """One line saying how many pairs are unscored and how to score them; None when none is."""
+        if not self.n_unscored:
+            return None
+        return (f"{self.n_unscored:,} of the {self.n_pairs:,} pairs of '{self.dataset_name}' v{self.dataset_version} "
+                f"have no score from {self.model_key} (tokenization {self.tokenization_version}), so no selection "
+                f"decides on them; score them with `{self.command}`")
+
+
+def scored_pairs_hash(pair_ids: Any) -> str:
+    """sha256 hex of the distinct `pair_ids`, sorted and joined by newlines: the set of pairs a selection decided."""
+    return hashlib.sha256("\n".join(sorted(set(pair_ids))).encode()).hexdigest()
+
+
+def unscored(store: Store, name: str, version: int, model_key: str,
+             tokenization_version: str | None = None) -> Unscored:
+    """The pairs of the version without a score from `model_key` under `tokenization_version` (default: the one
+    `Store.scores` reads), with the command that scores them."""
+    tokenization_version = tokenization_version or store.read_tokenization(name, version, model_key)
+    n_pairs, n_unscored = store.sql(
+        """SELECT count(DISTINCT dp.pair_id) AS n_pairs,
+                  count(DISTINCT dp.pair_id) FILTER (WHERE s.pair_id IS NULL AND q.pair_id IS NULL) AS n_unscored
+           FROM dataset_pairs dp
+           LEFT JOIN scores s ON s.pair_id = dp.pair_id AND s.model_key = ? AND s.tokenization_version = ?
+           LEFT JOIN (SELECT DISTINCT pair_id FROM quarantine WHERE stage = 'scoring' AND dataset_name = ?
+                      AND dataset_version = ?) q ON q.pair_id = dp.pair_id
+           WHERE dp.name = ? AND dp.version = ?""",
+        params=[model_key, tokenization_version, name, version, name, version],
+    ).iloc[0]
+    return Unscored(name, version, model_key, tokenization_version, int(n_pairs), int(n_unscored),
+                    _score_command(store, name, version, model_key, tokenization_version))
+
+
+def _score_command(store: Store, name: str, version: int, model_key: str, tokenization_version: str) -> str:
+    """`ches-curate score` for the version with the model of `model_key` (where it was loaded from, when known)."""
+    found = store.sql("SELECT coalesce(path, name) AS model, dtype FROM models WHERE model_key = ?", params=[model_key])
+    model, dtype = (found.model.iloc[0], found.dtype.iloc[0]) if len(found) else (None, None)
+    args = ["ches-curate", "score", "--dataset", name, "--version", str(version), "--model", model or "MODEL"]
+    if dtype and dtype != "float32":
+        args += ["--dtype", dtype]
+    if is_raw(tokenization_version):
+        args.append("--no-chat-template")
+    if store.path.resolve() != default_path().resolve():
+        args += ["--db", str(store.path)]
+    return shlex.join(args)
 
 
 def quarantined_pair_ids(store: Store, name: str, version: int) -> set[str]:
@@ -100,10 +176,13 @@ def select(store: Store, name: str, version: int, model_key: str, policy: str, p
     """
     frame, n_excluded = scores if scores is not None else selectable_scores(store, name, version, model_key)
     result = apply_policy(frame, policy, params)
-    selection_id, reused = store.record_selection(result.policy, result.params, name, version, model_key,
-                                                  result.frame, result.score_column, source=source)
+    missing = unscored(store, name, version, model_key)
+    selection_id, reused = store.record_selection(
+        result.policy, result.params, name, version, model_key, result.frame, result.score_column, source=source,
+        tokenization_version=missing.tokenization_version, scored_pairs_hash=scored_pairs_hash(result.frame.pair_id),
+    )
     return Selection(selection_id, name, version, model_key, result.policy, result.params, len(result.frame),
-                     result.n_kept, n_excluded, result.frame, result, reused)
+                     result.n_kept, n_excluded, result.frame, result, reused, missing)
 
 
 def load_selection(store: Store, selection_id: int) -> Selection:
@@ -118,5 +197,8 @@ def load_selection(store: Store, selection_id: int) -> Selection:
         params=[model_key, name, version, sorted(quarantined)],
     ).n.iloc[0])
     params = json.loads(first.params) if isinstance(first.params, str) else dict(first.params or {})
+    scored_under = first.tokenization_version if isinstance(first.tokenization_version, str) else None
+    missing = unscored(store, name, version, model_key, scored_under) if isinstance(model_key, str) else None
     return Selection(selection_id, name, version, model_key, first.policy, params, len(rows),
-                     int(rows.kept.astype(bool).sum()), n_excluded, rows.loc[:, ["pair_id", "kept", "rank"]])
+                     int(rows.kept.astype(bool).sum()), n_excluded, rows.loc[:, ["pair_id", "kept", "rank"]],
+                     unscored=missing)

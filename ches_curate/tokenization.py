@@ -87,6 +87,12 @@ def current_version(chat_template: bool | None = None) -> str:
     return CONTRACT_VERSION + ("" if chat_template_requested(chat_template) else RAW_SUFFIX)
 
 
+def recorded_version(tokenizer, chat_template: bool | None = None) -> str:
+    """The `tokenization_version` of scores made with `tokenizer`: `2` when plain prompts go through its chat
+    template, `2-raw` when they are tokenized as text (asked for, or the tokenizer has no chat template)."""
+    return current_version(chat_template_requested(chat_template) and bool(getattr(tokenizer, "chat_template", None)))
+
+
 def is_raw(version: str) -> bool:
     """Whether scores of `version` were made without the chat template (exported as standard rows)."""
     return version.endswith(RAW_SUFFIX)
@@ -101,7 +107,7 @@ def renders_chat(tokenizer, chat_template: bool | None = None) -> bool:
     if id(tokenizer) not in _WARNED_NO_TEMPLATE:
         _WARNED_NO_TEMPLATE.add(id(tokenizer))
         logger.warning("the tokenizer has no chat template: plain prompts are tokenized as text (TRL's standard "
-                       "format); score with --no-chat-template so that the scores say so and export writes text rows")
+                       f"format), recorded as tokenization {current_version(False)}; export writes text rows")
     return False
 
 

@@ -87,7 +87,7 @@ def test_unscorable_pairs_are_quarantined_and_counted(tmp_path, tiny_gpt2_dir):
     q = store.sql("SELECT dataset_name, stage, pair_id, reason FROM quarantine")
     assert q[["dataset_name", "stage", "pair_id"]].values.tolist() == [["toy", "scoring", empty_prompt.pair_id]]
     assert "0 tokens" in q.reason.iloc[0] and scorer.key in q.reason.iloc[0]
-    assert [p.row for p in store.unscored_pairs("toy", 1, scorer.key)] == [2]
+    assert [p.row for p in store.unscored_pairs("toy", 1, scorer.key, summary.tokenization_version)] == [2]
     again = score_dataset(store, "toy", scorer, progress=False)  # retried, fails again, quarantined once
     assert (again.n_scored, again.n_skipped, again.n_failed) == (0, 2, 1)
     assert store.sql("SELECT n_failed FROM score_runs ORDER BY run_id").n_failed.tolist() == [1, 1]

@@ -22,13 +22,16 @@ from ches_curate.store import Store
 from ches_curate.tokenization import use_chat_template
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+ALL_VERSIONS = [m.version for m in migrations.MIGRATIONS]
+OLD_M = "m/tokenizer-unknown"
+"""Model key 'm' of a store made before migration 9, after it."""
 
 CONTRACT_COLUMNS = {
     "schema_version": "version applied_at",
     "datasets": "name version source content_hash created_at n_pairs n_quarantined",
     "pairs": "pair_id prompt prompt_messages chosen rejected format metadata",
     "dataset_pairs": "name version row pair_id",
-    "models": "model_key name revision file_hash dtype created_at",
+    "models": "model_key name revision file_hash dtype created_at tokenizer_hash path",
     "score_runs": "run_id dataset_name dataset_version model_key params status started_at finished_at n_scored "
                   "n_skipped n_failed zenml_run_id",
     "scores": "pair_id model_key ches ln_ches chosen_tokens rejected_tokens last_hidden_ip edit_distance truncated "
@@ -36,7 +39,7 @@ CONTRACT_COLUMNS = {
     "quarantine": "quarantine_id dataset_name dataset_version stage source line field reason expectation pair_id raw "
                   "created_at",
     "selections": "selection_id policy params dataset_name dataset_version model_key pair_id kept rank score_column "
-                  "created_at source",
+                  "created_at source tokenization_version scored_pairs_hash",
     "quality_runs": "quality_run_id suite dataset_name dataset_version model_key started_at finished_at success n_rows "
                     "failure_rate summary ge_result",
     "quality_results": "quality_run_id expectation severity success unexpected_count unexpected_pair_ids details",
@@ -77,7 +80,7 @@ def columns_of(con, name: str) -> list[str]:
 
 def test_new_store_has_every_contract_table_and_column(tmp_path):
     store = Store(tmp_path / "s.duckdb")
-    assert store.schema_version() == migrations.LATEST_VERSION == 8
+    assert store.schema_version() == migrations.LATEST_VERSION == len(migrations.MIGRATIONS)
     with store.connect(read_only=True) as con:
         for table, expected in CONTRACT_COLUMNS.items():
             assert columns_of(con, table) == expected.split(), table
@@ -107,11 +110,11 @@ def test_old_database_is_migrated_to_latest_keeping_its_data(tmp_path):
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == ALL_VERSIONS
     assert store.latest_version("old").version == 1
     assert store.sql("SELECT count(*) AS n FROM selections").n.iloc[0] == 0
     assert store.sql("SELECT count(*) AS n FROM score_summary").n.iloc[0] == 0
-    assert Store(path).schema_version() == 8  # reopening applies nothing twice
+    assert Store(path).schema_version() == migrations.LATEST_VERSION  # reopening applies nothing twice
 
 
 def key_constraints(store: Store) -> list[str]:
@@ -135,9 +138,10 @@ def test_migration_4_drops_the_in_memory_keys_of_pairs_and_scores_keeping_their_
     con.close()
 
     store = Store(path)
-    assert store.schema_version() == 8 and key_constraints(store) == []
+    assert store.schema_version() == migrations.LATEST_VERSION and key_constraints(store) == []
     with store.connect(read_only=True) as con:
-        before["scores"] = [(*row, "1") for row in before["scores"]]  # migration 5: scored under tokenization 1
+        # migration 5: scored under tokenization 1; migration 9: by a key whose tokenizer is unknown
+        before["scores"] = [(row[0], f"{row[1]}/tokenizer-unknown", *row[2:], "1") for row in before["scores"]]
         assert {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables} == before
         assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
     assert [(p.row, p.chosen) for p in store.dataset_pairs("old")] == [(p.row, p.chosen) for p in pairs]
@@ -159,23 +163,23 @@ def test_a_version_4_store_keeps_its_scores_as_tokenization_1_and_rescoring_repl
     con.close()
 
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == ALL_VERSIONS
     assert store.sql("SELECT DISTINCT tokenization_version AS v FROM scores").v.tolist() == ["1"]
     assert store.sql("SELECT tokenization_version, n_scored FROM score_summary").values.tolist() == [["1", 4]]
     # Old scores are kept but never read as current: every pair is offered for scoring again.
-    assert store.score_counts("old", 1, "m") == (4, 0)
-    assert [p.row for p in store.unscored_pairs("old", 1, "m")] == [0, 1, 2, 3]
-    assert store.scores("old", model_key="m").empty
-    assert store.tokenization_versions("old", 1, "m") == {"1": 4}
+    assert store.score_counts("old", 1, OLD_M) == (4, 0)
+    assert [p.row for p in store.unscored_pairs("old", 1, OLD_M)] == [0, 1, 2, 3]
+    assert store.scores("old", model_key=OLD_M).empty
+    assert store.tokenization_versions("old", 1, OLD_M) == {"1": 4}
 
     frame = fake_scores(pairs[:2])
-    assert store.write_scores(store.start_score_run("old", 1, "m"), "m", frame) == 2
+    assert store.write_scores(store.start_score_run("old", 1, OLD_M), OLD_M, frame) == 2
     rows = store.sql("SELECT pair_id, tokenization_version AS v, ches FROM scores ORDER BY v, pair_id")
     assert len(rows) == 4 and rows.v.tolist() == ["1", "1", "2", "2"]  # one row per pair and model: replaced
     assert set(rows[rows.v == "2"].pair_id) == {p.pair_id for p in pairs[:2]}
-    assert store.scores("old", model_key="m").ches.tolist() == frame.ches.tolist()  # only the new ones
-    assert store.score_counts("old", 1, "m") == (4, 2)
-    assert store.tokenization_versions("old", 1, "m") == {"1": 2, "2": 2}
+    assert store.scores("old", model_key=OLD_M).ches.tolist() == frame.ches.tolist()  # only the new ones
+    assert store.score_counts("old", 1, OLD_M) == (4, 2)
+    assert store.tokenization_versions("old", 1, OLD_M) == {"1": 2, "2": 2}
 
 
 def test_scores_of_the_chat_and_raw_tokenizations_are_kept_apart(tmp_path):
@@ -221,7 +225,7 @@ def test_a_store_that_got_migration_6_before_5_gets_5_on_open(tmp_path):
     con.execute("INSERT INTO schema_version (version) VALUES (6)")
     con.close()
     store = Store(path)
-    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert store.sql("SELECT version FROM schema_version ORDER BY version").version.tolist() == ALL_VERSIONS
     with store.connect(read_only=True) as con:
         assert columns_of(con, "scores") == CONTRACT_COLUMNS["scores"].split()
 

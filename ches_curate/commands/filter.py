@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any, Optional
 
 import pandas as pd
@@ -40,7 +41,7 @@ def policies(
     plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """List the filter policies from every plugin, with their parameters, defaults and help."""
-    _load(plugin)
+    load_plugins(plugin)
     rows = []
     for name, entry in available_policies().items():
         details = Text(printable(entry.obj.description))
@@ -61,6 +62,10 @@ def filter_pairs(
     model_key: options.ModelKey = None,
     policy: str = typer.Option(..., "--policy", help="Policy name; `ches-curate policies` lists them."),
     param: list[str] = typer.Option([], "--param", help="Policy parameter as name=value (repeatable)."),
+    then: list[str] = typer.Option(
+        [], "--then", help="Then apply another policy to the pairs kept so far: 'POLICY name=value ...' (repeatable; "
+        "recorded as one `chain` selection with its steps).", metavar="'POLICY [NAME=VALUE ...]'",
+    ),
     match_selection: Optional[int] = typer.Option(
         None, "--match-selection", help="Set param n to the number of pairs selection ID removed (the random control)."
     ),
@@ -72,8 +77,12 @@ def filter_pairs(
     from ches_curate.selection import select, selectable_scores
     from ches_curate.store import Store
 
-    _load(plugin)
+    load_plugins(plugin)
     params = parse_params(param)
+    if then:
+        if match_selection is not None:
+            raise ChesCurateError("--match-selection sets n of one policy; it cannot be combined with --then")
+        policy, params = chained(policy, params, then)
     if match_selection is None:
         validate_params(get_policy(policy).obj, params)  # fail fast, before opening the store
     store = Store(db)
@@ -86,6 +95,8 @@ def filter_pairs(
     result = selection.result
     _print_result(selection.selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}",
                   selection.n_excluded)
+    if selection.unscored and (note := selection.unscored.note()):
+        console.print(Text(printable(note), style="yellow"))
     if selection.reused:
         console.print(f"the same decisions were already recorded as selection {selection.selection_id}: reused it, "
                       "nothing new was written", highlight=False)
@@ -171,6 +182,17 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
+def chained(policy: str, params: dict[str, Any], then: list[str]) -> tuple[str, dict[str, Any]]:
+    """`--policy P --param ... --then 'Q name=value ...'` as the `chain` policy and its steps."""
+    steps = [{"policy": policy, "params": params}]
+    for item in then:
+        words = shlex.split(item)
+        if not words or "=" in words[0]:
+            raise ChesCurateError(f"--then {item!r} must start with a policy name, e.g. --then 'threshold value=1'")
+        steps.append({"policy": words[0], "params": parse_params(words[1:])})
+    return "chain", {"steps": steps}
+
+
 def print_removed(scores: pd.DataFrame, result: SelectionResult, limit: int) -> None:
     """The first `limit` removed pairs with their score and text excerpts (plain text, control codes escaped)."""
     first = result.frame[~result.frame["kept"]].sort_values("rank").head(limit)
@@ -206,7 +228,8 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _load(modules: list[str]) -> None:
+def load_plugins(modules: list[str]) -> None:
+    """Register each `--plugin` module (import name or .py path)."""
     for module in modules:
         plugins.load_plugin_module(module)
 

@@ -24,7 +24,7 @@ from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
 from ches_curate.store import Store
-from ches_curate.tokenization import use_chat_template
+from ches_curate.tokenization import is_raw, recorded_version, use_chat_template
 
 COMMIT_EVERY_S = 2.0
 """Scores are committed in one transaction per this many seconds of scoring (and at the end)."""
@@ -46,14 +46,17 @@ class ScoreRunSummary:
     n_failed: int
     """Pairs the scorer could not score (quarantined with stage `scoring`)."""
     wall_time_s: float
+    tokenization_version: str
+    """What the scores are recorded under: `2` (through the chat template) or `2-raw` (plain text)."""
 
     def describe(self) -> str:
-        """One line for the terminal."""
+        """One line for the terminal, naming the tokenization the scores were made (and recorded) under."""
         failed = f", {self.n_failed:,} failed (quarantined)" if self.n_failed else ""
+        how = "plain text" if is_raw(self.tokenization_version) else "chat template"
         return (
-            f"run {self.run_id} {self.status}: {self.dataset_name} v{self.dataset_version} with {self.model_key}: "
-            f"{self.n_scored:,} scored, {self.n_skipped:,} already scored{failed} of {self.n_pairs:,} pairs "
-            f"in {self.wall_time_s:.1f} s"
+            f"run {self.run_id} {self.status}: {self.dataset_name} v{self.dataset_version} with {self.model_key} "
+            f"(tokenization {self.tokenization_version}: {how}): {self.n_scored:,} scored, {self.n_skipped:,} "
+            f"already scored{failed} of {self.n_pairs:,} pairs in {self.wall_time_s:.1f} s"
         )
 
 
@@ -87,7 +90,8 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
     config = scorer.config
     dv = store.dataset_version(dataset, version)
     store.verify()
-    n_pairs, n_skipped = store.score_counts(dv.name, dv.version, scorer.key)
+    tokenization = recorded_version(scorer.loaded.tokenizer, config.chat_template)
+    n_pairs, n_skipped = store.score_counts(dv.name, dv.version, scorer.key, tokenization)
     close_abandoned_runs(store, dv.name, dv.version, scorer.key)
     params = dataclasses.asdict(config) | {"pid": os.getpid(), "host": socket.gethostname()}
     run_id = store.start_score_run(dv.name, dv.version, scorer.key, params, zenml_run_id, n_skipped=n_skipped,
@@ -96,16 +100,16 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
     n_scored, status = 0, "failed"
     try:
         to_score = n_pairs - n_skipped if limit is None else min(limit, n_pairs - n_skipped)
-        frames = scorer.score_batches(islice(store.unscored_pairs(dv.name, dv.version, scorer.key), to_score),
-                                      total=to_score)
+        unscored = store.unscored_pairs(dv.name, dv.version, scorer.key, tokenization)
+        frames = scorer.score_batches(islice(unscored, to_score), total=to_score)
         if progress:
             frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=to_score)
         for batch in _every(frames, COMMIT_EVERY_S):
-            n_scored += store.write_scores(run_id, scorer.key, batch)
+            n_scored += store.write_scores(run_id, scorer.key, batch, tokenization)
         status = "finished"
     except Interrupted as stop:
         status = "interrupted"
-        committed = store.score_counts(dv.name, dv.version, scorer.key)[1] - n_skipped  # the store's word, not ours
+        committed = store.score_counts(dv.name, dv.version, scorer.key, tokenization)[1] - n_skipped  # the store's
         stop.kept = (f"score run {run_id} committed {committed:,} of the {n_pairs - n_skipped:,} pairs it had to "
                      f"score for '{dv.name}' v{dv.version}")
         stop.resume = "rerun the same command to score the rest (scored pairs are skipped)"
@@ -119,7 +123,7 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
         store.finish_score_run(run_id, status, n_failed=len(failures))
     return ScoreRunSummary(
         run_id, dv.name, dv.version, scorer.key, status, n_pairs, n_scored, n_skipped, len(failures),
-        time.perf_counter() - started,
+        time.perf_counter() - started, tokenization,
     )
 
 

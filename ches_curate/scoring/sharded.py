@@ -31,9 +31,11 @@ from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.scoring.file_run import write_parquet_atomic, write_rejected
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
+from ches_curate.tokenization import recorded_version
 
 MANIFEST = "manifest.json"
-_RUN_KEYS = ("source", "source_fingerprint", "format", "n_shards", "model", "dtype", "model_key")
+_RUN_KEYS = ("source", "source_fingerprint", "format", "n_shards", "model", "dtype", "model_key",
+             "tokenization_version")
 _COLUMN_TYPES = {"row": pa.int64(), "pair_id": pa.string(), "chosen_tokens": pa.int64(),
                  "rejected_tokens": pa.int64(), "truncated": pa.bool_()}
 SCORE_SCHEMA = pa.schema([(column, _COLUMN_TYPES.get(column, pa.float64())) for column in SCORE_COLUMNS])
@@ -103,7 +105,9 @@ def score_shard(
         return ShardResult(shard, part, pq.ParquetFile(part).metadata.num_rows, 0, skipped=True)
     scorer = model if isinstance(model, Scorer) else Scorer(model, config)
     info = {k: scorer.loaded.info.get(k) for k in ("name", "revision", "file_hash", "dtype")}
-    check_manifest(work_dir, {**identity, "model_key": scorer.key, "model_info": info})
+    tokenization = recorded_version(scorer.loaded.tokenizer, config.chat_template)
+    check_manifest(work_dir, {**identity, "model_key": scorer.key, "tokenization_version": tokenization,
+                              "model_info": info})
     rejected: list[RejectedRow] = []
     items = read_pairs(source, format=format, on_error=config.on_error) if _is_path(source) else source
     failures_before = len(scorer.failures)
@@ -241,7 +245,7 @@ def store_merged(store, work_dir: str | os.PathLike, n_shards: int, dataset: str
     store.register_model(key, manifest["model_info"])
     run_params = {**(params or {}), "n_shards": n_shards, "work_dir": os.fspath(work_dir)}
     run_id = store.start_score_run(dataset, version, key, run_params)
-    added = store.write_scores(run_id, key, table)
+    added = store.write_scores(run_id, key, table, manifest.get("tokenization_version"))
     quarantine_scoring_failures(store, dataset, version, key, failures)
     store.finish_score_run(run_id, "finished", n_failed=len(failures))
     return run_id, added, len(failures)
