@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import dataclasses
 import json
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -23,13 +24,14 @@ import pandas as pd
 from ches_curate.configs import TrainConfig
 from ches_curate.errors import ChesCurateError
 from ches_curate.export import ExportSummary, export_dataset
-from ches_curate.ingest import read_pairs
+from ches_curate.ingest import read_pairs, read_table
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.pipeline_config import (
     AblationSpec, DatasetSpec, EvaluateSpec, PipelineConfig, PolicySpec, ScoringSpec,
 )
 from ches_curate.policies import get_policy, validate_params
 from ches_curate.scoring.file_run import summarize_scores
+from ches_curate.selection import load_selection
 from ches_curate.store import DatasetVersion, Store
 
 if TYPE_CHECKING:
@@ -63,6 +65,24 @@ def ingest_source(store: Store, spec: DatasetSpec) -> DatasetVersion:
     """Read `spec.source` (the first `spec.limit` rows), quarantining bad rows; a new version only if it changed."""
     items = read_pairs(spec.source, format=spec.format, on_error="quarantine")
     return store.register_dataset(spec.name, spec.source, islice(items, spec.limit))
+
+
+def ingest_table(store: Store, name: str, table: Any, format: str = "auto") -> DatasetVersion:
+    """Store an in-memory table of pairs, a pandas `DataFrame` or a `datasets.Dataset` (`ingest.read_table`), as
+    a version of `name`, bad rows quarantined; a new version only if its content changed."""
+    return store.register_dataset(name, None, read_table(table, name=name, format=format, on_error="quarantine"))
+
+
+def curated_dataset(store: Store, selection_id: int) -> Any:
+    """The kept pairs of a selection as an in-memory `datasets.Dataset`: the records `export` writes (TRL's
+    `prompt`/`chosen`/`rejected`, the scoring model key and tokenization version), ready for `DPOTrainer`."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="ches_curate_curated_") as folder:
+        path = Path(folder) / "curated.parquet"
+        export_dataset(store, path, selection_id=selection_id)
+        return datasets.Dataset(pq.read_table(path))
 
 
 def validate(store: Store, name: str, version: int, suite: str, quality: str | None = None,
@@ -106,23 +126,25 @@ def score_version(store: Store, name: str, version: int, scoring: ScoringSpec,
     """Score the pairs of a stored version that have no score for the model yet (`incremental.score_dataset`).
 
     When every pair has one (a refresh of unchanged data), the model is not loaded: its key
-    comes from its files (`models.model_key_without_loading`), and the run is recorded as
-    scoring 0 pairs and skipping all of them. Returns the `ScoreRunSummary`.
+    comes from its files and tokenizer (`models.key_without_loading`), and the run is recorded
+    as scoring 0 pairs and skipping all of them. Returns the `ScoreRunSummary`.
     """
     from ches_curate.scoring.incremental import ScoreRunSummary, score_dataset
-    from ches_curate.models import model_key_without_loading
+    from ches_curate.models import key_without_loading
+    from ches_curate.tokenization import recorded_version
 
     started = time.perf_counter()
     config = scoring.scoring_config()
-    model_key = model_key_without_loading(scoring.model, scoring.dtype, config.trust_remote_code)
-    if model_key is not None:
-        n_pairs, n_scored = store.score_counts(name, version, model_key)
+    found = key_without_loading(scoring.model, scoring.dtype, config.trust_remote_code)
+    if found is not None:
+        model_key, tokenization = found[0], recorded_version(found[1], config.chat_template)
+        n_pairs, n_scored = store.score_counts(name, version, model_key, tokenization)
         if n_scored == n_pairs:
             params = dataclasses.asdict(config) | {"model_loaded": False}
             run_id = store.start_score_run(name, version, model_key, params, zenml_run_id, n_skipped=n_pairs)
             store.finish_score_run(run_id, "finished", n_failed=0)
             return ScoreRunSummary(run_id, name, version, model_key, "finished", n_pairs, 0, n_pairs, 0,
-                                   time.perf_counter() - started)
+                                   time.perf_counter() - started, tokenization)
     return score_dataset(store, name, scoring.model, config, version=version, zenml_run_id=zenml_run_id,
                          progress=False)
 
@@ -153,8 +175,17 @@ def export_path(template: str, name: str, version: int, selection_id: int, what:
                               "{selection_id}") from err
 
 
-def export_selection(store: Store, selection_id: int, template: str) -> tuple[ExportSummary, pd.DataFrame]:
-    """Write the kept pairs of a selection to the file `template` names; return the summary and the records."""
+def export_selection(store: Store, selection_id: int, template: str,
+                     allow_unscored: bool = False) -> tuple[ExportSummary, pd.DataFrame]:
+    """Write the kept pairs of a selection to the file `template` names; return the summary and the records.
+
+    A selection of a version some of whose pairs have no score from its model (they were never
+    decided on) is refused unless `allow_unscored` (the pipeline config's `allow_unscored_export`).
+    """
+    missing = load_selection(store, selection_id).unscored
+    if missing is not None and (note := missing.note()) and not allow_unscored:
+        raise ChesCurateError(f"selection {selection_id}: {note}; nothing was exported (or set "
+                              "allow_unscored_export: true in the pipeline config to export the scored pairs only)")
     first = store.selection(selection_id).iloc[0]
     path = export_path(template, first.dataset_name, int(first.dataset_version), selection_id)
     summary = export_dataset(store, path, selection_id=selection_id)

@@ -20,6 +20,7 @@ milliseconds, naming the file and the key.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ches_curate.config_files import load_yaml_model
 from ches_curate.configs import DesignConfig, EvalConfig, TrainConfig
+from ches_curate.errors import ChesCurateError
 from ches_curate.scoring.config import ScoringConfig
 
 _SCORING = ScoringConfig()
+PACKAGE_PREFIX = "ches_curate:"
+"""`ches_curate:data/hh_rlhf_harmless_sample.jsonl`: a file shipped in the package, wherever it is installed."""
 
 
 class _Section(BaseModel):
@@ -172,6 +176,10 @@ class PipelineConfig(_Section):
         "out/{dataset}_v{version}_curated.parquet",
         description="Curated file (.parquet or .jsonl); {dataset}, {version}, {selection_id} are filled in.",
     )
+    allow_unscored_export: bool = Field(
+        False, description="Let the export step write a selection of a version some of whose pairs have no score "
+        "(they are left out); by default it refuses, naming the command that scores them.",
+    )
     ablation: AblationSpec = Field(default_factory=AblationSpec)
     refusal: RefusalSpec | None = Field(None, description="The refusal pipeline's on-policy pair generation.")
     zenml: dict[str, Any] = Field(default_factory=dict, description="ZenML run configuration (settings, steps, ...).")
@@ -186,6 +194,31 @@ class PipelineConfig(_Section):
     def with_plugins(self, plugins: list[str]) -> PipelineConfig:
         """A copy that also loads `plugins` (the CLI's `--plugin`), each once."""
         return self.model_copy(update={"plugins": list(dict.fromkeys([*self.plugins, *plugins]))})
+
+    def with_inputs_from(self, folder: str | os.PathLike) -> PipelineConfig:
+        """A copy whose input paths (the files it reads: `dataset.source`, `quality`, `plugins`,
+        `refusal.source`, `ablation.evaluate.source`) are taken from `folder`, the config file's own, where a
+        file of that name exists there; `ches_curate:data/...` names a file shipped in the package.
+
+        Outputs (`store`, `export`, `ablation.output_dir`, the refusal pipeline's `dataset.source`) stay
+        relative to the working directory (`resolved`), so a shipped config writes where the command runs.
+        """
+        folder = Path(folder)
+
+        def local(path: str | None) -> str | None:
+            if path is not None and path.startswith(PACKAGE_PREFIX):
+                return str(resources.files("ches_curate").joinpath(path.removeprefix(PACKAGE_PREFIX)))
+            return str(folder / path) if path is not None and (folder / path).exists() else path
+
+        evaluate = self.ablation.evaluate.model_copy(update={"source": local(self.ablation.evaluate.source)})
+        return self.model_copy(update={
+            "plugins": [local(plugin) for plugin in self.plugins],
+            "quality": local(self.quality),
+            "dataset": self.dataset if self.refusal else self.dataset.model_copy(
+                update={"source": local(self.dataset.source)}),
+            "refusal": self.refusal and self.refusal.model_copy(update={"source": local(self.refusal.source)}),
+            "ablation": self.ablation.model_copy(update={"evaluate": evaluate}),
+        })
 
     def resolved(self, base: str | os.PathLike | None = None) -> PipelineConfig:
         """A copy whose local paths are absolute (relative ones are taken from `base`, default the working
@@ -216,5 +249,26 @@ class PipelineConfig(_Section):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PipelineConfig:
-        """Load and validate a YAML file; errors name the file and the offending key."""
-        return load_yaml_model(cls, path, "pipeline config")
+        """Load and validate a YAML file (or a shipped config by name, `find_config`); errors name the file and
+        the offending key. Relative input paths are taken from the file's folder (`with_inputs_from`)."""
+        path = find_config(path)
+        return load_yaml_model(cls, path, "pipeline config").with_inputs_from(path.parent)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The pipeline configs installed with the package (`ches_curate/pipelines/configs/*.yaml`), by name."""
+    folder = Path(str(resources.files("ches_curate.pipelines").joinpath("configs")))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def find_config(config: str | os.PathLike) -> Path:
+    """`config` if it is a file, else the shipped config of that name (`demo`, `dev`, ...): `--config demo` works
+    from any directory. A name that is neither is an error listing the shipped ones."""
+    path = Path(config)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    shipped = shipped_configs()
+    if path.name in shipped:
+        return shipped[path.name]
+    raise ChesCurateError(f"no config file {str(config)!r} and no shipped config of that name; shipped configs: "
+                          f"{', '.join(shipped)} (or give a path to a YAML file)")

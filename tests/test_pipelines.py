@@ -29,7 +29,7 @@ from ches_curate.pipeline_config import PipelineConfig, PolicySpec, ScoringSpec
 from ches_curate.curation import validate
 from ches_curate.refresh import diff_selections, reselect
 from ches_curate.store import Store
-from pipelines.runs import step_output
+from ches_curate.pipelines.runs import step_output
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 """ZenML 0.98's run listing reads pydantic's instance `model_fields`, which pydantic 2.11 deprecates."""
@@ -125,7 +125,7 @@ def curation_runs(zenml_repo, pipeline_dir):
     models the second run loaded."""
     from zenml.client import Client
 
-    from pipelines import run_pipeline
+    from ches_curate.pipelines import run_pipeline
 
     result = CliRunner().invoke(cli(), ["run", "curation", "--config", str(pipeline_dir / "config.yaml")])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -144,7 +144,7 @@ def refresh_config(pipeline_dir: Path) -> PipelineConfig:
 @pytest.fixture(scope="session")
 def refresh_run(curation_runs, pipeline_dir):
     """The refresh pipeline after the source lost its first pair and gained four."""
-    from pipelines import run_pipeline
+    from ches_curate.pipelines import run_pipeline
 
     records = toy_records(1, N_FIRST - 1 + 4)
     write_jsonl(pipeline_dir / "pairs_v2.jsonl", records)
@@ -154,7 +154,7 @@ def refresh_run(curation_runs, pipeline_dir):
 @pytest.fixture(scope="session")
 def unchanged_refresh_run(refresh_run, pipeline_dir):
     """The refresh pipeline again on the same source, and the models it loaded."""
-    from pipelines import run_pipeline
+    from ches_curate.pipelines import run_pipeline
 
     with model_loads() as loaded:
         run = run_pipeline("refresh", refresh_config(pipeline_dir))
@@ -385,7 +385,7 @@ def test_refresh_of_unchanged_version_reuses_its_selection_and_validates_once(tm
 
 def test_scoring_a_fully_scored_version_records_a_run_without_loading_the_model(tmp_path, tiny_llama_dir):
     from ches_curate.curation import score_version
-    from ches_curate.models import model_key_without_loading
+    from ches_curate.models import key_without_loading
 
     store = Store(tmp_path / "s.duckdb")
     records = toy_records(0, 5)
@@ -408,8 +408,8 @@ def test_scoring_a_fully_scored_version_records_a_run_without_loading_the_model(
     with model_loads() as loaded:
         gained = score_version(store, "toy", 2, spec)
     assert loaded == [str(tiny_llama_dir)] and (gained.n_scored, gained.n_skipped) == (1, 4)
-    assert model_key_without_loading(str(tiny_llama_dir), "bfloat16") == first.model_key.replace("float32", "bfloat16")
-    assert model_key_without_loading("nobody/no-such-model") is None  # offline, not cached: only loading can tell
+    assert key_without_loading(str(tiny_llama_dir), "bfloat16")[0] == first.model_key.replace("float32", "bfloat16")
+    assert key_without_loading("nobody/no-such-model") is None  # offline, not cached: only loading can tell
 
 
 def test_diff_selections_classifies_every_changed_pair(tmp_path):
@@ -459,7 +459,7 @@ def test_schedule_dry_run_on_the_local_stack_prints_the_crontab_entry(zenml_repo
 
 
 def test_schedulable_orchestrator_gets_a_zenml_schedule(pipeline_dir, fake_crontab, monkeypatch):
-    import pipelines
+    from ches_curate import pipelines
 
     submitted = []
     monkeypatch.setattr(pipelines, "active_orchestrator", lambda: ("cluster", "kubernetes", True))
