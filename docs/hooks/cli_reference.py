@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import html
 
-import click
-
 MARKER = "<!-- cli-reference -->"
 
 
@@ -27,14 +25,14 @@ def cli_reference() -> str:
     from ches_curate.cli import app
 
     root = typer.main.get_command(app)
-    root_ctx = click.Context(root, info_name="ches-curate")
+    root_ctx = root.context_class(root, info_name="ches-curate")
     parts = [_command(root, root_ctx, "ches-curate", level=2)]
     for name, command in root.commands.items():
-        parts.append(_command(command, click.Context(command, info_name=name, parent=root_ctx), name, level=2))
+        parts.append(_command(command, command.context_class(command, info_name=name, parent=root_ctx), name, level=2))
     return "\n\n".join(parts)
 
 
-def _command(command: click.Command, ctx: click.Context, name: str, level: int) -> str:
+def _command(command, ctx, name: str, level: int) -> str:
     title = "ches-curate" if name == "ches-curate" else f"ches-curate {name}"
     lines = [f"{'#' * level} `{title}`", ""]
     lines += [_text(command.help or ""), "", "```text", command.get_usage(ctx), "```", ""]
