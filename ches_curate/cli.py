@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "ches_curate.commands.score",
     "ches_curate.commands.report",
     "ches_curate.commands.filter",
+    "ches_curate.commands.scores",
     "ches_curate.commands.quality",
     "ches_curate.commands.train",
     "ches_curate.commands.pipelines",

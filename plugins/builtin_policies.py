@@ -1,11 +1,11 @@
-"""The built-in filter policies: top-k, percentile, length-normalized, threshold, random and quantile-slice.
+"""The built-in filter policies: top-k, percentile, length-normalized, threshold, random, quantile-slice and chain.
 
 Registered through the `register_filter_policies` hook, exactly as a third-party plugin
 would be; `ches_curate.plugins.DEFAULT_PLUGINS` names this module, so it is found
 without the package's entry-point metadata.
 Each ranks pairs by `score_column` (highest first; ties by pair_id) and removes from the
 top, except `random`, the ablation control, and `quantile-slice`, which keeps a window of the
-ranking (Razin et al.'s Section 5 subsets).
+ranking (Razin et al.'s Section 5 subsets), and `chain`, which applies several of them in turn.
 """
 
 from __future__ import annotations
@@ -15,18 +15,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ches_curate.hookspecs import hookimpl
 from ches_curate.policies import (
     Policy,
     PolicyParams,
     SelectionResult,
+    apply_policy,
     canonical_order,
     count_from_fraction,
+    get_policy,
     remove_highest,
     removal_order,
     score_values,
+    validate_params,
 )
 
 
@@ -149,7 +152,58 @@ class QuantileSlice(Policy):
         return SelectionResult.from_kept(scores, kept, params.score_column)
 
 
+class ChainStep(BaseModel):
+    """One step of a `chain`: a policy and its parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Chain(Policy):
+    name = "chain"
+    description = (
+        "Apply several policies in turn, each to the pairs the previous one kept: e.g. ln_ches at or below its "
+        "90th percentile, then reward_margin >= 1. Removed pairs rank by step, then by that step's rank."
+    )
+
+    class Params(PolicyParams):
+        steps: list[ChainStep] = Field(..., min_length=1, description="The policies, in order: "
+                                       "[{policy: NAME, params: {...}}, ...] (on the command line: --then).")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _validated_steps(cls, data: Any) -> Any:
+            """Each step's params validated by its policy (so they are recorded as it reads them); the chain's
+            score_column is the last step's."""
+            if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+                return data
+            steps = []
+            for step in data["steps"]:
+                step = ChainStep.model_validate(step)
+                params = validate_params(get_policy(step.policy).obj, step.params)
+                steps.append({"policy": step.policy, "params": params.model_dump(mode="json")})
+            score_column = steps[-1]["params"]["score_column"] if steps else data.get("score_column")
+            return {**data, "steps": steps, "score_column": data.get("score_column", score_column)}
+
+    def select(self, scores: pd.DataFrame, params: Params) -> SelectionResult:
+        survivors, order = scores, []
+        for step in params.steps:
+            result = apply_policy(survivors, step.policy, step.params)
+            decided = result.frame.sort_values("rank")
+            order += decided.loc[~decided["kept"], "pair_id"].tolist()
+            kept = decided.loc[decided["kept"], "pair_id"]
+            survivors = survivors[survivors["pair_id"].isin(set(kept))]
+        order += kept.tolist()
+        rank = pd.Series(np.arange(1, len(order) + 1), index=order)
+        frame = pd.DataFrame({"pair_id": scores["pair_id"].to_numpy(),
+                              "kept": scores["pair_id"].isin(set(kept)).to_numpy(),
+                              "rank": rank.loc[scores["pair_id"]].to_numpy()})
+        return SelectionResult(frame=frame, score_column=params.score_column)
+
+
 @hookimpl
 def register_filter_policies(register):
-    for policy in (TopK(), Percentile(), LengthNormalized(), Threshold(), Random(), QuantileSlice()):
+    for policy in (TopK(), Percentile(), LengthNormalized(), Threshold(), Random(), QuantileSlice(), Chain()):
         register(policy)

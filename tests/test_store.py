@@ -49,6 +49,11 @@ CONTRACT_COLUMNS = {
                  "config created_at design train_seed score_column percentile",
     "pair_likelihoods": "ablation_id arm pair_id preferred_logp_before preferred_logp_after dispreferred_logp_before "
                         "dispreferred_logp_after train_seed",
+    "plugin_scores": "pair_id model_key tokenization_version score_name score_version value failure run_id import_id "
+                     "computed_at",
+    "score_definitions": "score_name score_version plugin description needs model_bound updated_at",
+    "score_imports": "import_id score_name source source_sha256 key_column dataset_name dataset_version n_rows "
+                     "n_imported n_rejected created_at",
 }
 
 
