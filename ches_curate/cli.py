@@ -78,7 +78,7 @@ EXAMPLES = {
     "probe": "ches-curate probe --prompt \"Is the sky blue? Answer yes or no.\" --preferred No --dispreferred Never",
     "ablate": "ches-curate ablate --dataset hh --policy percentile:p=90 --seed 0 --seed 1\n"
               "  ches-curate ablate --dataset hh --design quantile-slices --slice-size 64 --seed 0 --seed 1 --seed 2",
-    "run": "ches-curate run curation --config pipelines/configs/demo.yaml",
+    "run": "ches-curate run curation --config demo   # a shipped config by name, or a YAML file",
     "runs": "ches-curate runs --pipeline refresh -n 5   # one run in full: ches-curate runs RUN_NAME",
     "schedule": "ches-curate schedule --cron \"0 3 * * *\" --pipeline refresh --local",
     "check-ches": "ches-curate check-ches --dataset hh --sample 200 --model default",

@@ -88,12 +88,28 @@ def read_pairs(source: str | os.PathLike, *, format: str = "auto", on_error: str
     `on_error="fail"` the first bad row raises `InputError`; with `"quarantine"` it is
     yielded as a `RejectedRow` and reading goes on.
     """
+    _check_options(format, on_error)
+    name, unit, rows = _open_source(source, format, split)
+    return _items(name, unit, rows, format, on_error)
+
+
+def read_table(table: Any, *, name: str = "<table>", format: str = "auto",
+               on_error: str = "fail") -> Iterator[PreferencePair | RejectedRow]:
+    """Stream the pairs of an in-memory table, a pandas `DataFrame` or a `datasets.Dataset` (a pipeline's
+    upstream artifact), exactly as `read_pairs` reads a file of the same rows; errors name the table `name`."""
+    import datasets
+
+    _check_options(format, on_error)
+    if not isinstance(table, datasets.Dataset):
+        table = datasets.Dataset.from_pandas(table, preserve_index=False)
+    return _items(name, "row", _dataset_rows(name, format, table), format, on_error)
+
+
+def _check_options(format: str, on_error: str) -> None:
     if format not in (*FORMATS, "auto"):
         raise ChesCurateError(f"unknown format {format!r}; choose one of: auto, {', '.join(FORMATS)}")
     if on_error not in ON_ERROR:
         raise ChesCurateError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
-    name, unit, rows = _open_source(source, format, split)
-    return _items(name, unit, rows, format, on_error)
 
 
 def _open_source(source: str | os.PathLike, requested: str, split: str | None) -> tuple[str, str, Iterator[_Row]]:

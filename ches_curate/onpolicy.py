@@ -174,7 +174,7 @@ def generate_pairs(spec: RefusalSpec, scoring: ScoringSpec, output: str | os.Pat
 def check_config(config: PipelineConfig) -> None:
     """Fail before any work when `config` cannot drive the refusal pipeline (a clear message per problem)."""
     if config.refusal is None:
-        raise ChesCurateError("the refusal pipeline needs a `refusal:` section (see pipelines/configs/refusal.yaml)")
+        raise ChesCurateError("the refusal pipeline needs a `refusal:` section (like the shipped `refusal` config)")
     if config.ablation.evaluate.source is not None:
         raise ChesCurateError("ablation.evaluate.source: the refusal pipeline evaluates on refusal's held-out prompts "
                               "(refusal.n_eval_prompts); remove it")

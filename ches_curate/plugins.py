@@ -1,7 +1,7 @@
 """The one plugin manager: entry-point discovery, explicit loading, and registries.
 
 Plugins are modules that implement hooks from `ches_curate.hookspecs`. The built-in
-policies are listed in `DEFAULT_PLUGINS` and registered first, through the same
+policies and scores are listed in `DEFAULT_PLUGINS` and registered first, through the same
 `_register` and the same hooks as any other plugin, so they are found even where the
 package's installed metadata is missing (a copied source tree, a zipapp). Third-party
 plugins are found through the `ches_curate` entry-point group, or loaded explicitly by
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
-DEFAULT_PLUGINS = {"builtin_policies": "plugins.builtin_policies"}
+DEFAULT_PLUGINS = {"builtin_policies": "ches_curate.builtin_plugins.builtin_policies",
+                   "builtin_scores": "ches_curate.builtin_plugins.builtin_scores"}
 """Plugins that ship with ches_curate, by plugin name: registered like any plugin, without entry-point metadata."""
 DISABLED_PLUGINS_ENV = "CHES_CURATE_DISABLED_PLUGINS"
 

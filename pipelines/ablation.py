@@ -14,11 +14,13 @@ from typing import Any
 from zenml import pipeline
 
 from ches_curate.pipeline_config import PipelineConfig
-from pipelines.curation import CHES_MODEL, for_dataset, validated_scores
-from pipelines.runs import step_output
-from pipelines.steps import ablate
+from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
+from ches_curate.pipelines.runs import step_output
+from ches_curate.pipelines.steps import ablate
+from ches_curate.pipelines.sources import installed_source
 
 
+@installed_source
 @pipeline(model=CHES_MODEL, enable_cache=False)
 def ablation_pipeline(config: PipelineConfig) -> None:
     """Does removing high-CHES pairs reduce likelihood displacement? One `ablations` row per arm answers."""

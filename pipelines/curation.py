@@ -9,9 +9,10 @@ from typing import Any
 from zenml import Model, pipeline
 
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
-from pipelines.runner import MODEL_NAME, run_pipeline
-from pipelines.runs import DATASET_PLACEHOLDER, step_output
-from pipelines.steps import (
+from ches_curate.pipelines.runner import MODEL_NAME, run_pipeline
+from ches_curate.pipelines.runs import DATASET_PLACEHOLDER, step_output
+from ches_curate.pipelines.sources import installed_source
+from ches_curate.pipelines.steps import (
     curation_report, export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores,
 )
 
@@ -48,6 +49,7 @@ def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = 
     return score_run, check_scores(config.store, score_run, config.quality, skip_if_passed=skip_if_passed)
 
 
+@installed_source
 @pipeline(model=CHES_MODEL, enable_cache=False)
 def curation_pipeline(config: PipelineConfig) -> None:
     """Curate a preference dataset by CHES score; every stage writes to the DuckDB store at `config.store`.
@@ -58,7 +60,7 @@ def curation_pipeline(config: PipelineConfig) -> None:
     score_run, scores_quality = validated_scores(config, skip_if_passed=False)
     select, export, report = for_dataset(config, select_pairs, export_curated, curation_report)
     _, selection = select(config.store, score_run, config.policy, config.plugins, after=scores_quality)
-    _, curated_path = export(config.store, selection, config.export)
+    _, curated_path = export(config.store, selection, config.export, config.allow_unscored_export)
     report(config.store, score_run, selection, curated_path)
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 from zenml import pipeline
 
 from ches_curate.pipeline_config import PipelineConfig
-from pipelines.curation import CHES_MODEL, for_dataset, validated_scores
-from pipelines.steps import export_curated, reselect_pairs
+from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
+from ches_curate.pipelines.steps import export_curated, reselect_pairs
+from ches_curate.pipelines.sources import installed_source
 
 
+@installed_source
 @pipeline(model=CHES_MODEL, enable_cache=False)
 def refresh_pipeline(config: PipelineConfig) -> None:
     """Bring the curated dataset up to date with its source; the `selection_diff` artifact lists the changes."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)
     reselect, export = for_dataset(config, reselect_pairs, export_curated)
     _, selection, _ = reselect(config.store, score_run, config.policy, config.plugins, after=scores_quality)
-    export(config.store, selection, config.export)
+    export(config.store, selection, config.export, config.allow_unscored_export)

@@ -13,17 +13,19 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import pandas as pd
-from zenml import pipeline, step
+from zenml import pipeline
 
 from ches_curate import curation, onpolicy
 from ches_curate.pipeline_config import AblationSpec, PipelineConfig, PolicySpec, ScoringSpec
 from ches_curate.store import Store
-from pipelines.curation import CHES_MODEL, for_dataset, validated_scores
-from pipelines.runs import step_output
-from pipelines.steps import named, record
+from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
+from ches_curate.pipelines.runs import step_output
+from ches_curate.pipelines.steps import dataset_step, named, record
+from ches_curate.pipelines.sources import installed_source
 
 
-@step
+@installed_source
+@dataset_step
 def generate_refusal_pairs(config: PipelineConfig) -> tuple[
     Annotated[dict, named("refusal_pairs")], Annotated[list, named("eval_prompts")]
 ]:
@@ -36,7 +38,8 @@ def generate_refusal_pairs(config: PipelineConfig) -> tuple[
     return pairs.metadata(), pairs.eval_prompts
 
 
-@step
+@installed_source
+@dataset_step
 def ablate_on_held_out(store: str, score_run: dict, scoring: ScoringSpec, policies: list[PolicySpec],
                        ablation: AblationSpec, eval_prompts: list,
                        plugins: list[str] | None = None) -> Annotated[pd.DataFrame, named("ablation_rows")]:
@@ -48,6 +51,7 @@ def ablate_on_held_out(store: str, score_run: dict, scoring: ScoringSpec, polici
     return rows
 
 
+@installed_source
 @pipeline(model=CHES_MODEL, enable_cache=False)
 def refusal_pipeline(config: PipelineConfig) -> None:
     """Does keeping the lowest-ln-CHES refusal pairs avoid the loss of refusals that DPO on all of them causes?"""

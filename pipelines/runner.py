@@ -30,7 +30,7 @@ def get_pipeline(name: str) -> Any:
     """The ZenML pipeline object called `name`."""
     if name not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
-    module = importlib.import_module(f"pipelines.{name}")
+    module = importlib.import_module(f"ches_curate.pipelines.{name}")
     return getattr(module, f"{name}_pipeline")
 
 

@@ -15,10 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from ches_curate.errors import ChesCurateError
-from pipelines.runner import PIPELINES
+from ches_curate.pipelines.runner import PIPELINES
 
 DATASET_PLACEHOLDER = "dataset"
 """The substitution the pipelines set to the config's dataset name; artifact names use it."""
+DEFAULT_DATASET = "pairs"
+"""Its value where a pipeline sets none (a user's pipeline calling the library's steps): `scores_pairs`."""
 STAGES = ("generation", "ingest", "pairs_quality", "scoring", "scores_quality", "selection", "export", "report", "ablation")
 """The run metadata entries the steps log, in pipeline order."""
 

@@ -21,7 +21,7 @@ from ches_curate.ingest import read_pairs
 from ches_curate.pairs import PreferencePair
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, RefusalSpec
 from ches_curate.store import Store
-from pipelines.curation import SAMPLE
+from ches_curate.pipelines.curation import SAMPLE
 from tests import test_pipelines
 from tests.test_pipelines import REPO, cli
 
@@ -191,7 +191,7 @@ def refusal_run(zenml_repo, tmp_path_factory, tiny_llama_dir):
 
 
 def test_refusal_run_generates_judged_pairs_and_trains_three_arms(refusal_run):
-    from pipelines.refusal import refusal_outcome
+    from ches_curate.pipelines.refusal import refusal_outcome
 
     run, printed, directory = refusal_run
     outcome = refusal_outcome(run)

@@ -75,7 +75,7 @@ def failure(call) -> ChesCurateError:
 
 def test_builtins_are_found_without_any_entry_point_metadata(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(()))  # no installed metadata at all
-    assert plugins.plugin_manager().get_plugin("builtin_policies").__name__ == "plugins.builtin_policies"
+    assert plugins.plugin_manager().get_plugin("builtin_policies").__name__ == "ches_curate.builtin_plugins.builtin_policies"
     assert set(BUILTINS) <= set(available_policies())
     assert {found.plugin for name, found in available_policies().items() if name in BUILTINS} == {"builtin_policies"}
 

@@ -1,4 +1,4 @@
-"""`ches-curate runs` and `pipelines.runs` on stand-in runs: the listing, one run in full, artifacts by name.
+"""`ches-curate runs` and `ches_curate.pipelines.runs` on stand-in runs: the listing, one run in full, artifacts by name.
 
 The same command against real ZenML runs is tested end to end in test_pipelines.py
 (`test_runs_lists_recent_runs_and_shows_one_with_metadata_and_artifact_ids`).
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ches_curate.commands import pipelines as pipeline_commands
 from ches_curate.errors import ChesCurateError
-from pipelines import runs
+from ches_curate.pipelines import runs
 
 REPORT = "/data/out/hh_v3_curated_report.html"
 

@@ -12,17 +12,17 @@ from rich.markup import escape
 
 from ches_curate.commands import tables
 from ches_curate.errors import ChesCurateError
-from ches_curate.pipeline_config import PipelineConfig
+from ches_curate.pipeline_config import PipelineConfig, find_config
 
 console = Console(soft_wrap=True)
 
 PIPELINE_HELP = "curation, ablation, refresh or refusal."
-CONFIG_HELP = "Pipeline config YAML (see pipelines/configs/dev.yaml)."
-RUN_CONFIG_HELP = CONFIG_HELP + " Required but for refusal, which defaults to pipelines/configs/refusal.yaml."
-SMALL_HELP = "refusal only: the CPU-sized config pipelines/configs/refusal_small.yaml (--config overrides it)."
+CONFIG_HELP = "Pipeline config: a YAML file, or a shipped config by name (demo, dev, gpu, kubernetes, refusal, ...)."
+RUN_CONFIG_HELP = CONFIG_HELP + " Required but for refusal, which defaults to the shipped `refusal`."
+SMALL_HELP = "refusal only: the CPU-sized shipped config `refusal_small` (--config overrides it)."
 DB_HELP = "DuckDB store file; overrides the config's `store`."
 PLUGIN_HELP = "Plugin module (import name or .py path) to load besides the config's `plugins` (repeatable)."
-DEFAULT_CONFIG = Path("pipelines/configs/dev.yaml")
+DEFAULT_CONFIG = Path("dev")
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +51,7 @@ def run(
     """Run a ZenML pipeline: curation (ingest → validate → score → validate → filter → export),
     ablation (DPO on curated vs full vs random arms), refresh (only what changed) or refusal (Razin et al.'s
     Section 6: on-policy refusal pairs, DPO on all vs the lowest ln-CHES vs random, refusal rates)."""
-    from pipelines import PIPELINES, run_pipeline
+    from ches_curate.pipelines import PIPELINES, run_pipeline
 
     if pipeline not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
@@ -81,14 +81,14 @@ def run_config_path(pipeline: str, config: Path | None, small: bool) -> Path:
     if pipeline != "refusal":
         raise typer.BadParameter(f"required for the {pipeline} pipeline (only refusal has a default config)",
                                  param_hint="'--config' / '-c'")
-    import pipelines
+    from ches_curate.pipeline_config import shipped_configs
 
-    return Path(pipelines.__file__).parent / "configs" / ("refusal_small.yaml" if small else "refusal.yaml")
+    return shipped_configs()["refusal_small" if small else "refusal"]
 
 
 def show_curation(run_response: Any) -> None:
     """What a curation or refresh run did, and where to look next."""
-    from pipelines.curation import curation_outcome
+    from ches_curate.pipelines.curation import curation_outcome
 
     outcome = curation_outcome(run_response)
     version, scored, selection = outcome["dataset_version"], outcome["score_run"], outcome["selection"]
@@ -124,7 +124,7 @@ def where_to_look(store: str, selection_id: int, run_id: str) -> None:
                   f"SELECT kept, count(*) FROM selections WHERE selection_id = {selection_id} GROUP BY kept",
                   "SELECT run_id, n_scored, n_skipped, zenml_run_id FROM score_runs"):
         console.print(f"  ches-curate sql \"{escape(query)}\" {escape(db)}", highlight=False)
-    console.print(f"  ches-curate runs {run_id} (its metadata and artifacts); dashboard: `make dashboard`",
+    console.print(f"  ches-curate runs {run_id} (its metadata and artifacts); dashboard: `zenml login --local`",
                   highlight=False)
 
 
@@ -136,14 +136,14 @@ REFUSAL_COLUMNS = ("ablation_id", "arm", "train_seed", "n_train_pairs", "refusal
 
 def show_ablation(run_response: Any) -> None:
     """The `ablations` rows the run wrote."""
-    from pipelines.ablation import ablation_outcome
+    from ches_curate.pipelines.ablation import ablation_outcome
 
     _show_ablations(ablation_outcome(run_response), ABLATION_COLUMNS)
 
 
 def show_refusal(run_response: Any) -> None:
     """The on-policy pairs the refusal run generated, and per arm and seed its refusal rate before and after DPO."""
-    from pipelines.refusal import refusal_outcome
+    from ches_curate.pipelines.refusal import refusal_outcome
 
     outcome = refusal_outcome(run_response)
     made = outcome["generation"]
@@ -174,7 +174,7 @@ def runs(
 ) -> None:
     """List the recent runs of the curation, refresh and ablation pipelines (dataset version, selection, report),
     or show one run: its metadata, report, curated file and artifact ids."""
-    from pipelines import runs as past
+    from ches_curate.pipelines import runs as past
 
     if run_id_or_name is not None:
         show_run(past.find_run(run_id_or_name))
@@ -191,7 +191,7 @@ def runs(
 
 def show_run(run_response: Any) -> None:
     """One run: its numbers, where its files are, and its metadata and artifacts as tables."""
-    from pipelines import runs as past
+    from ches_curate.pipelines import runs as past
 
     run = past.summarize(run_response)
     console.print(f"[bold]{escape(run.name)}[/] ({run.pipeline} pipeline) {run.status}, started "
@@ -238,7 +238,7 @@ def schedule(
     """Run a pipeline on a cron schedule: a ZenML Schedule when the active orchestrator supports schedules
     (Kubernetes, Kubeflow, Vertex, SageMaker, AzureML, Airflow, Databricks), else cron or systemd."""
     from ches_curate import schedule as sched
-    from pipelines import PIPELINES, active_orchestrator
+    from ches_curate.pipelines import PIPELINES, active_orchestrator
 
     if pipeline not in PIPELINES:
         raise ChesCurateError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
@@ -250,7 +250,7 @@ def schedule(
         return
     console.print(f"The active stack '{escape(stack)}' uses the '{escape(flavor)}' orchestrator, which cannot run "
                   "schedules; the machine's scheduler can run the same pipeline instead.", highlight=False)
-    command = sched.ches_curate_command(pipeline, config, db)
+    command = sched.ches_curate_command(pipeline, find_config(config), db)
     workdir = Path.cwd()
     log = sched.log_path(pipeline)
     if systemd:
@@ -297,7 +297,7 @@ def _zenml_schedule(pipeline: str, config: PipelineConfig, cron: str, stack: str
         return
     from zenml.config.schedule import Schedule
 
-    from pipelines import run_pipeline
+    from ches_curate.pipelines import run_pipeline
 
     run_pipeline(pipeline, config, schedule=Schedule(name=name, cron_expression=cron))
     console.print(f"scheduled the {pipeline} pipeline as {name!r} ({cron}) on stack '{escape(stack)}' "
