@@ -60,7 +60,8 @@ class Sandbox:
         return {"victim": f / "victim.csv", "target": self.root / "target", "files": f, "other_db": f / "other.duckdb",
                 "exported": f / "exported", "secret_txt": f / "secret.txt", "secret_csv": f / "secret.csv",
                 "secret_json": f / "secret.json", "secret_parquet": f / "secret.parquet",
-                "extension": f / "evil.duckdb_extension"}
+                "extension": f / "evil.duckdb_extension", "store": self.db,
+                "store_tmp": self.db.with_name(self.db.name + ".tmp")}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,13 @@ HOSTILE = {
     "select-then-copy": "SELECT 1; COPY (SELECT 2) TO '{target}'",
     "copy-then-select": "COPY (SELECT 2) TO '{victim}'; SELECT 1",
     "temp-table-then-copy": "CREATE TEMP TABLE t AS SELECT 1 AS x; COPY t TO '{target}'",
+    # the store's temp directory, which external access alone leaves writable, and the store itself
+    "export-into-store-temp": "EXPORT DATABASE '{store_tmp}'",
+    "copy-into-store-temp": "COPY (SELECT i, repeat('x', 100) FROM range(500000) t(i)) TO '{store_tmp}/fill.csv'",
+    "attach-in-store-temp": "ATTACH '{store_tmp}/new.duckdb' AS n; CREATE TABLE n.t AS SELECT 1",
+    "read-back-from-store-temp": "SELECT * FROM read_parquet('{store_tmp}/*.parquet')",
+    "copy-over-the-store": "COPY (SELECT 1) TO '{store}'",
+    "copy-over-the-wal": "COPY (SELECT 1) TO '{store}.wal'",
     # ATTACH
     "attach-memory": "ATTACH ':memory:' AS m; CREATE TABLE m.t AS SELECT 1",
     "attach-other-file": "ATTACH '{other_db}' AS o; SELECT * FROM o.t",
@@ -232,6 +240,8 @@ HOSTILE = {
 EXPECTED = {
     "attach-memory": "Cannot launch in-memory database in read-only mode! " + READ_ONLY,
     "getenv": "Scalar Function with name getenv does not exist!",  # not in DuckDB's Python build
+    "copy-over-the-store": "the file belongs to an attached database",
+    "copy-over-the-wal": "the file belongs to an attached database",
 }
 """What refuses the few cases that DuckDB stops before the sandbox does; all others name the sandbox."""
 

@@ -144,7 +144,9 @@ def _open_retrying(path: Path, read_only: bool, timeout_s: float, config: dict) 
     delay = 0.02
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=config)
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
+            con.execute("SET enable_progress_bar = false")  # drawn on stdout past 2 s: it would land in `sql`'s CSV
+            return con
         except duckdb.Error as err:
             if not (isinstance(err, duckdb.IOException) and "lock" in str(err).lower()):
                 raise ChesCurateError(f"cannot open {path}: {err}") from err
