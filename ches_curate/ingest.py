@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ches_curate.errors import ChesCurateError, InputError
-from ches_curate.pairs import Message, PreferencePair, Prompt
+from ches_curate.pairs import Message, PreferencePair, Prompt, normalize_text
 
 FORMATS = ("prompt_chosen_rejected", "conversational", "hh_rlhf")
 ON_ERROR = ("fail", "quarantine")
@@ -344,7 +344,9 @@ def _field_text(record: dict[str, Any], key: str) -> str:
 
 
 def _check_text(field: str, value: Any, where: str = "", allow_blank: bool = False) -> str:
-    """`value` if it is non-blank (unless allowed), valid UTF-8 text; otherwise a problem naming `field`."""
+    """`value`, `normalize_text`-ed, if it is non-blank (unless allowed), valid UTF-8 text; otherwise a problem
+    naming `field`. Every text of a row passes here, so every comparison of a row's texts is made as `pair_id` makes it.
+    """
     if value is None:
         raise _RowProblem(field, "is null")
     if not isinstance(value, str):
@@ -353,7 +355,7 @@ def _check_text(field: str, value: Any, where: str = "", allow_blank: bool = Fal
         raise _RowProblem(field, "is not valid UTF-8 text", _UTF8_HINT)
     if not allow_blank and not value.strip():
         raise _RowProblem(field, f"is empty {where}".rstrip())
-    return value
+    return normalize_text(value)
 
 
 def _field_messages(record: dict[str, Any], key: str) -> list[Message]:
@@ -370,9 +372,9 @@ def _field_messages(record: dict[str, Any], key: str) -> list[Message]:
         for part in ("role", "content"):
             if part not in message:
                 raise _RowProblem(f"{key}[{i}].{part}", "is missing")
-            # A prompt message may be blank (an empty system message); the caller checks the responses.
-            _check_text(f"{key}[{i}].{part}", message[part], allow_blank=True)
-        messages.append({"role": message["role"], "content": message["content"]})
+        # A prompt message may be blank (an empty system message); the caller checks the responses.
+        messages.append({part: _check_text(f"{key}[{i}].{part}", message[part], allow_blank=True)
+                         for part in ("role", "content")})
     return messages
 
 

@@ -2,7 +2,10 @@
 
 A pair is normalised at ingest so that later stages never look at source formats:
 the prompt is either a plain string or a list of chat messages, and each response
-is the plain text of the assistant's answer.
+is the plain text of the assistant's answer. Its texts are normalised when it is made
+(`normalize_text`: CRLF -> LF, Unicode NFC), so `pair_id`, the identical-response check,
+tokenization, the store and export all see one text: two rows with one `pair_id` are
+one pair and get one score.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class PreferencePair:
     format: str = "prompt_chosen_rejected"
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        for name in ("prompt", "chosen", "rejected"):
+            object.__setattr__(self, name, _normalize(getattr(self, name)))
+
     @property
     def pair_id(self) -> str:
         return pair_id(self.prompt, self.chosen, self.rejected)
@@ -71,10 +78,15 @@ def plain_prompt(prompt: Prompt) -> str | None:
     return None
 
 
+def normalize_text(text: str) -> str:
+    """The one normalisation every comparison of texts uses: line endings unified (CRLF -> LF), Unicode NFC."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n"))
+
+
 def _normalize(value: Prompt) -> Any:
     if isinstance(value, str):
-        return unicodedata.normalize("NFC", value.replace("\r\n", "\n"))
-    return [{"role": m["role"], "content": _normalize(m["content"])} for m in value]
+        return normalize_text(value)
+    return [{"role": m["role"], "content": normalize_text(m["content"])} for m in value]
 
 
 def pair_id(prompt: Prompt, chosen: str, rejected: str) -> str:
