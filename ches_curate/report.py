@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,16 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ches_curate import __version__, report_ablation, report_plots, report_probe
+from ches_curate import __version__, report_ablation, report_plots, report_probe, report_quality
+from ches_curate.atomic_files import write_output
 from ches_curate.errors import ChesCurateError
 from ches_curate.store import DatasetVersion, Store
 from ches_curate.selection import unscored
 
 from ches_curate.report_ablation import Query
-from ches_curate.report_values import floats as _floats, records as _records
+from ches_curate.report_values import clip as _clip, excerpt as _excerpt, floats as _floats, fmt as _fmt, pct as _pct
+from ches_curate.report_values import records as _records
 
-EXCERPT_CHARS = 100
-"""Characters of the prompt shown, on one line, in the collapsed row of a highest-CHES pair."""
 SCORE_STATS_COLUMNS = ("ches", "ln_ches", "edit_distance")
 @dataclass(frozen=True)
 class ReportConfig:
@@ -81,15 +80,17 @@ def build_report(
         top_pairs = _top_pairs(query, dv, model_key, selection_id, config)
         removed_pairs = _removed_pairs(query, dv, model_key, selection_id, config)
         selections = _selections(query, dv, model_key)
-        quality = _quality(query, dv, model_key)
-        quarantine = _quarantine(query, dv)
+        quality = report_quality.quality_section(query, dv, model_key)
+        quarantine = report_quality.quarantine_section(query, dv)
         arms, per_pair = report_ablation.ablation_rows(query, dv, model_key)
         slices = report_ablation.slice_rows(query, dv)
         probes = report_probe.probe_section(query, model_key)
+    score_plots = _score_plots(scores, selection)
     return _template().render(
         dataset=dv, model_key=model_key, selection=selection, n_scored=len(scores),
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
-        score_stats=_score_stats(scores), score_plots=_score_plots(scores, selection), top_pairs=top_pairs,
+        score_stats=_score_stats(scores), score_plots=score_plots, guide=reading_guide(selection, score_plots["cuts"]),
+        top_pairs=top_pairs,
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
         ablation=report_ablation.ablation_section(arms, per_pair, slices), removed_pairs=removed_pairs,
         refresh_diff=_refresh_diff(store, selection, config), probes=probes,
@@ -104,8 +105,7 @@ def write_report(
     """Write `build_report(...)` to `output` (UTF-8, parent folders created); returns the path."""
     html = build_report(store, dataset, version, model_key, selection_id, config)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
+    write_output(path, lambda staging: staging.write_text(html, encoding="utf-8"), parents=True)
     return path
 
 
@@ -197,7 +197,7 @@ def _score_stats(scores: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _score_plots(scores: pd.DataFrame, selection: dict | None) -> dict[str, Any]:
     """The CHES and ln-CHES histograms (with the selection's cut) and the ln-CHES vs edit distance scatter."""
-    plots: dict[str, Any] = {"cuts": []}
+    plots: dict[str, Any] = {"cuts": [], "notes": {}}
     if scores.empty:
         return plots
     # A pair the selection did not decide on (NULL) was not removed, so it counts as kept.
@@ -208,16 +208,41 @@ def _score_plots(scores: pd.DataFrame, selection: dict | None) -> dict[str, Any]
             continue
         cut = selection_cut(values, kept, selection["score_column"] or "", column) if kept is not None else None
         cut_label = f"cut of selection {selection['selection_id']} ({selection['policy']})" if cut else "cut"
-        plots[column] = report_plots.score_histogram(values, label, kept, cut and cut.value, cut_label)
+        note = _no_cut_note(selection, column, label) if kept is not None and not cut and (~kept).any() else None
+        plots[column] = report_plots.score_histogram(values, label, kept, cut and cut.value, cut_label, note)
         if cut:
             plots["cuts"].append(cut)
+        if note:
+            plots["notes"][column] = note
     edit, ln_ches = _floats(scores["edit_distance"]), _floats(scores["ln_ches"])
     if (np.isfinite(edit) & np.isfinite(ln_ches)).any():
         plots["edit_distance"] = report_plots.ln_ches_vs_edit_distance(edit, ln_ches, kept)
     length, ches = _floats(scores["response_tokens"]), _floats(scores["ches"])
-    if (np.isfinite(length) & np.isfinite(ches)).any():
+    finite = np.isfinite(length) & np.isfinite(ches)
+    if finite.any():
         plots["length"] = report_plots.ches_vs_response_length(length, ches, kept)
+        plots["length_symlog"] = report_plots.symlog_threshold(ches[finite]) is not None
     return plots
+
+
+def _no_cut_note(selection: dict[str, Any], column: str, label: str) -> str:
+    """Why the `column` histogram colours removed pairs without a cut line: the selection ranked by another
+    score, or its removed and kept scores overlap (a random control)."""
+    ranked_by = selection["score_column"] or "no score"
+    if ranked_by.removeprefix("-") != column:
+        return f"removed pairs were chosen by {ranked_by} (selection #{selection['selection_id']}), not by a {label} cut"
+    return f"removed and kept {label} overlap: selection #{selection['selection_id']} ({selection['policy']}) has no cut"
+
+
+def reading_guide(selection: dict[str, Any] | None, cuts: list[Cut]) -> dict[str, Any] | None:
+    """What the report's "how to read this" block says of the selection: its cut on the score it ranked by (if
+    the kept and removed scores are separated by one), and on which side the removed pairs lie."""
+    if selection is None:
+        return None
+    column = (selection["score_column"] or "").removeprefix("-")
+    cut = next((c for c in cuts if c.column == column), None)
+    side = "below" if (selection["score_column"] or "").startswith("-") else "above"
+    return {"cut": cut, "side": side, "n_removed": selection["n_pairs"] - selection["n_kept"]}
 
 
 def _top_pairs(query: Query, dv: DatasetVersion, model_key: str | None, selection_id: int | None,
@@ -278,8 +303,22 @@ def _refresh_diff(store: Store, selection: dict[str, Any] | None, config: Report
         return None
     previous = int(earlier.selection_id.iloc[0])
     diff = diff_selections(store, previous, selection["selection_id"])
+    changes = _records(diff.changes.head(config.diff_pairs))
+    texts = _pair_texts(store, [c["pair_id"] for c in changes])
+    for change in changes:
+        change.update(texts.get(change["pair_id"], {}))
     return {"previous": previous, "previous_version": int(earlier.dataset_version.iloc[0]), "counts": diff.counts(),
-            "changes": _records(diff.changes.head(config.diff_pairs)), "n_changes": len(diff.changes)}
+            "changes": changes, "n_changes": len(diff.changes)}
+
+
+def _pair_texts(store: Store, pair_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Prompt, chosen and rejected of each pair, each shortened to one line (`_excerpt`)."""
+    if not pair_ids:
+        return {}
+    frame = store.sql("SELECT pair_id, prompt, chosen, rejected FROM pairs WHERE list_contains(?, pair_id)",
+                      params=[pair_ids])
+    return {row.pair_id: {field: _excerpt(getattr(row, field) or "") for field in ("prompt", "chosen", "rejected")}
+            for row in frame.itertuples()}
 
 
 def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
@@ -293,80 +332,7 @@ def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list
     ))
 
 
-def _quality(query: Query, dv: DatasetVersion, model_key: str | None) -> dict[str, Any]:
-    """Every quality run of the version, and the findings of the latest run of each suite, failures first."""
-    runs_of_version = ("FROM quality_runs WHERE dataset_name = ? AND dataset_version = ? "
-                       "AND (model_key IS NULL OR model_key = ?)")
-    params = [dv.name, dv.version, model_key]
-    runs = query(f"SELECT quality_run_id, suite, model_key, started_at, success, n_rows, failure_rate "
-                 f"{runs_of_version} ORDER BY quality_run_id", params)
-    findings = _records(query(
-        f"""WITH latest AS (SELECT suite, max(quality_run_id) AS quality_run_id {runs_of_version} GROUP BY suite)
-            SELECT latest.suite, r.quality_run_id, r.expectation, r.severity, r.success, r.unexpected_count,
-                   r.unexpected_pair_ids, r.details
-            FROM quality_results r JOIN latest USING (quality_run_id)
-            ORDER BY r.success NULLS FIRST, CASE r.severity WHEN 'error' THEN 0 WHEN 'warn' THEN 1 ELSE 2 END,
-                     latest.suite, r.expectation""", params,
-    ))
-    for finding in findings:
-        ids = json.loads(finding["unexpected_pair_ids"] or "[]")
-        details = json.loads(finding["details"] or "{}")
-        finding["sample_pair_ids"] = [str(i)[:12] for i in ids[:3]]
-        finding["description"] = details.get("description") or details.get("type") or ""
-        finding["example"] = _finding_example(details)
-        finding["details"] = _clip(json.dumps(details, indent=1, ensure_ascii=False), 4000)
-    return {"runs": _records(runs), "findings": findings}
-
-
-def _finding_example(details: dict[str, Any]) -> str:
-    """One short example of what an expectation found: its first unexpected value, else the observed value."""
-    sample = details.get("unexpected_sample") or []
-    value = sample[0] if sample else details.get("observed_value", details.get("exception"))
-    if value is None:
-        return ""
-    return _excerpt(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
-
-
-def _quarantine(query: Query, dv: DatasetVersion) -> dict[str, Any]:
-    reasons = query(
-        "SELECT stage, reason, count(*) AS n FROM quarantine WHERE dataset_name = ? AND dataset_version = ? "
-        "GROUP BY stage, reason ORDER BY n DESC, stage, reason", [dv.name, dv.version],
-    )
-    return {"total": int(reasons.n.sum()) if not reasons.empty else 0, "reasons": _records(reasons.head(20))}
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _clip(text: Any, limit: int) -> dict[str, Any]:
-    """`text` cut to `limit` characters, with how many were left out."""
-    text = "" if text is None else str(text)
-    return {"text": text[:limit], "omitted": max(len(text) - limit, 0)}
-
-
-def _excerpt(text: str) -> str:
-    """`text` on one line, cut to EXCERPT_CHARS with an ellipsis."""
-    line = " ".join(text.split())
-    return line if len(line) <= EXCERPT_CHARS else line[: EXCERPT_CHARS - 1] + "…"
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    """Numbers for people: integers with thousands separators, floats to `digits` significant digits."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, (int, np.integer)):
-        return f"{value:,}"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _pct(part: Any, whole: Any) -> str:
-    return f"{part / whole:.1%}" if part is not None and whole else "—"
 
 
 @functools.cache

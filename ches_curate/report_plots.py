@@ -68,12 +68,13 @@ def plot_range(values: np.ndarray, cut: float | None = None) -> PlotRange:
 
 
 def score_histogram(values: Sequence[float], label: str, kept: Sequence[bool] | None = None,
-                    cut: float | None = None, cut_label: str = "cut") -> str:
+                    cut: float | None = None, cut_label: str = "cut", note: str | None = None) -> str:
     """Histogram of one score; with `kept`, kept and removed pairs are stacked in two colours.
 
-    `cut` draws the selection's threshold as a vertical line labelled `cut_label`. Values
-    beyond `plot_range`'s fences are not drawn but counted in the axis label; the legend
-    sits outside the axes, so it never covers a bar.
+    `cut` draws the selection's threshold as a vertical line labelled `cut_label`; `note`
+    (why there is no cut: the selection ranked by another score) is printed under the axis.
+    Values beyond `plot_range`'s fences are not drawn but counted in the axis label; the
+    legend sits outside the axes, so it never covers a bar.
     """
     values = np.asarray(values, dtype=np.float64)
     mask = _finite(values)
@@ -95,7 +96,7 @@ def score_histogram(values: Sequence[float], label: str, kept: Sequence[bool] | 
         outside.append(f"{shown.n_below:,} below {shown.low:.3g} (min {values[mask].min():.3g})")
     if shown.n_above:
         outside.append(f"{shown.n_above:,} above {shown.high:.3g} (max {values[mask].max():.3g})")
-    ax.set_xlabel(label + (f"\nnot drawn: {'; '.join(outside)}" if outside else ""))
+    ax.set_xlabel(label + (f"\nnot drawn: {'; '.join(outside)}" if outside else "") + (f"\n{note}" if note else ""))
     ax.set_ylabel("pairs")
     _legend_above(ax)
     return png_data_uri(fig)
@@ -103,10 +104,11 @@ def score_histogram(values: Sequence[float], label: str, kept: Sequence[bool] | 
 
 def ches_vs_response_length(response_tokens: Sequence[float], ches: Sequence[float],
                             kept: Sequence[bool] | None = None) -> str:
-    """Scatter of CHES against the response length (|y+| + |y-| tokens) on a symmetric log y axis.
+    """Scatter of CHES against the response length (|y+| + |y-| tokens).
 
-    CHES sums hidden states over both responses, so it grows with their length; the
-    symlog axis keeps both signs and a few extreme pairs readable next to the rest.
+    CHES sums hidden states over both responses, so it grows with their length. The y axis
+    is linear unless `symlog_threshold` finds a few pairs far beyond the rest; then it is
+    symmetric-log, which keeps both signs and those pairs readable next to the rest.
     """
     x = np.asarray(response_tokens, dtype=np.float64)
     y = np.asarray(ches, dtype=np.float64)
@@ -124,15 +126,21 @@ def ches_vs_response_length(response_tokens: Sequence[float], ches: Sequence[flo
     return png_data_uri(fig)
 
 
-def _symlog_if_spread(ax, which: str, values: np.ndarray) -> str:
-    """Put `ax`'s `which` ("x" or "y") axis on a symmetric log scale when a few values lie far beyond the rest; returns the label suffix.
+def symlog_threshold(values: np.ndarray) -> float | None:
+    """The linear half-width of a symmetric log axis for `values`, or None when a linear axis shows them well.
 
-    The linear half-width is the 90th percentile of |value|, so most points keep a linear
-    scale and only the extremes (beyond SYMLOG_SPREAD times it) are compressed.
+    The half-width is the 90th percentile of |value|, so most points keep a linear scale and
+    only the extremes (beyond SYMLOG_SPREAD times it) are compressed.
     """
     magnitude = np.abs(values[np.isfinite(values)])
     linear = float(np.percentile(magnitude, 90)) if len(magnitude) else 0.0
-    if linear <= 0 or magnitude.max() <= SYMLOG_SPREAD * linear:
+    return None if linear <= 0 or magnitude.max() <= SYMLOG_SPREAD * linear else linear
+
+
+def _symlog_if_spread(ax, which: str, values: np.ndarray) -> str:
+    """Put `ax`'s `which` ("x" or "y") axis on a symmetric log scale when `symlog_threshold` asks; returns the label suffix."""
+    linear = symlog_threshold(values)
+    if linear is None:
         return ""
     getattr(ax, f"set_{which}scale")("symlog", linthresh=linear, linscale=3)  # room for the linear bulk
     locator = SymmetricalLogLocator(base=10, linthresh=linear, subs=[1.0])

@@ -23,7 +23,9 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.ingest import RejectedRow
 from ches_curate.pairs import PreferencePair
 from ches_curate.policies import apply_policy
+from ches_curate import report_plots
 from ches_curate.report import ReportConfig, build_report, selection_cut
+from ches_curate.report_quality import finding_bound
 from ches_curate.store import Store
 
 MODEL = "tiny_llama@sha256:0123abcd/float32"
@@ -275,9 +277,10 @@ def test_selection_table_counts_every_selection(demo, demo_html):
 
 def test_quality_findings_are_one_row_each_failures_first_raw_result_collapsed(demo_html):
     page = Page(demo_html)
-    findings = [row for row in page.rows("quality") if len(row) == 6 and row[2] in ("error", "warn")]
+    findings = [row for row in page.rows("quality") if len(row) == 7 and row[2] in ("error", "warn")]
     assert page.section_summaries["quality"] == ["chosen_differs_from_rejected", "prompt_not_empty"]
-    assert [row[2:6] for row in findings] == [["error", "FAIL", "3", "<i>same</i> answer"], ["error", "pass", "0", ""]]
+    assert [row[2:7] for row in findings] == [["error", "FAIL", "3", "<i>same</i> answer", "—"],
+                                              ["error", "pass", "0", "", "—"]]
     collapsed = findings[0][1]  # the summary, then what <details> hides: description, failing pairs, raw JSON
     assert collapsed.startswith("chosen_differs_from_rejected")
     assert "chosen and rejected differ; first failing pairs aaaaaaaaaaaa, b2, c3" in collapsed
@@ -410,7 +413,13 @@ def test_report_of_a_refreshed_version_shows_the_diff_with_the_previous_selectio
     assert (f"Against selection #{old_id} of v1: 0 added, {len(gone)} removed, "
             f"{len(flipped) - now_removed} now kept, {now_removed} now removed, "
             f"{len(after) - len(flipped)} unchanged.") in text
-    assert len([row for row in page.rows("refresh-diff") if row[0] != "pair_id"]) == len(gone) + len(flipped)
+    rows = [row for row in page.rows("refresh-diff") if row[0] != "change"]
+    assert len(rows) == len(gone) + len(flipped)
+    texts = {p.pair_id: p for p in make_pairs()}  # each changed pair shows its texts, shortened, not its id
+    changed = [*flipped, *gone]
+    assert sorted(row[3:6] for row in rows) == sorted(
+        [texts[p].prompt_text, texts[p].chosen, texts[p].rejected] for p in changed)
+    assert not any(p in " ".join(sum(rows, [])) for p in changed)
 
 
 def _insert_ablations(store: Store, rows: list[dict], likelihoods: pd.DataFrame | None = None) -> None:
@@ -625,3 +634,77 @@ def test_probe_runs_of_the_model_are_listed_newest_first_with_their_first_gainer
     assert "0.305 → 0.723" in text and "0.048 (2)" in text and "'Yes'" in text
     assert "1e-05" not in text  # another model's run
     assert "<script>alert" not in html and "&lt;script&gt;" in html
+
+
+def how_to_read(html: str) -> str:
+    return " ".join(Page(html).text["how-to-read"].split())
+
+
+def test_how_to_read_says_what_the_scores_measure_and_what_the_selection_removed(demo, demo_html, tmp_path):
+    text = how_to_read(demo_html)
+    assert "A higher score means a higher risk of likelihood displacement" in text
+    assert "ln-CHES divides each sum by its response's length" in text
+    ches, kept = demo.scores.ches.to_numpy(), demo.kept[demo.percentile_id]
+    cut = (ches[kept].max() + ches[~kept].min()) / 2
+    assert (f"Selection #{demo.percentile_id} (percentile" in text and "ranked the pairs by ches and removed "
+            f"{(~kept).sum()} of {N_PAIRS} pairs ({(~kept).sum() / N_PAIRS:.1%})") in text
+    assert f"It removed every pair scoring above {cut:.4g} on ches" in text
+    random = how_to_read(build_report(demo.store, "demo", selection_id=demo.random_id, config=ReportConfig(top_pairs=0)))
+    assert f"removed {N_PAIRS - demo.kept[demo.random_id].sum()} of {N_PAIRS} pairs" in random
+    assert "No single value of CHES or ln-CHES separates the pairs it removed" in random
+    store = Store(tmp_path / "bare.duckdb")
+    store.register_dataset("bare", "bare.jsonl", make_pairs()[:3])
+    assert "No selection of this version and model yet" in how_to_read(build_report(store, "bare"))
+
+
+def test_histograms_explain_pairs_removed_by_another_score(demo, tmp_path, monkeypatch):
+    calls = {}
+
+    def record(values, label, kept=None, cut=None, cut_label="cut", note=None):
+        calls[label] = (cut, note)
+        return "data:image/png;base64,"
+
+    monkeypatch.setattr(report_plots, "score_histogram", record)
+    page = Page(build_report(demo.store, "demo", selection_id=demo.percentile_id, config=ReportConfig(top_pairs=0)))
+    note = f"removed pairs were chosen by ches (selection #{demo.percentile_id}), not by a ln-CHES cut"
+    assert calls["CHES"][0] is not None and calls["CHES"][1] is None  # ranked by CHES: the cut line
+    assert calls["ln-CHES"] == (None, note)
+    assert note in " ".join(page.text["scores"].split())  # and under the figure
+    store = copy_of(demo.store, tmp_path)
+    by_ln = apply_policy(demo.scores, "percentile", {"p": 75, "score_column": "ln_ches"})
+    ln_id = store.save_selection("percentile", by_ln.params, "demo", 1, MODEL, by_ln.frame, "ln_ches", source="cli")
+    build_report(store, "demo", selection_id=ln_id, config=ReportConfig(top_pairs=0))
+    assert calls["ln-CHES"][0] is not None and calls["ln-CHES"][1] is None
+    assert calls["CHES"] == (None, f"removed pairs were chosen by ln_ches (selection #{ln_id}), not by a CHES cut")
+
+
+def test_length_plot_caption_names_the_scale_the_axis_has(demo, demo_html, tmp_path):
+    caption = " ".join(Page(demo_html).text["scores"].split())
+    assert "y: CHES, on a linear scale" in caption and "symmetric log" not in caption
+    store = copy_of(demo.store, tmp_path)
+    store.sql("UPDATE scores SET ches = -4.3e7 WHERE pair_id = ?", write=True, params=[demo.scores.pair_id.iloc[0]])
+    caption = " ".join(Page(build_report(store, "demo", config=ReportConfig(top_pairs=0))).text["scores"].split())
+    assert "y: CHES, on a symmetric log scale" in caption
+    values = np.concatenate([np.linspace(-50, 50, 99), [-4.3e7]])
+    assert report_plots.symlog_threshold(values) == pytest.approx(np.percentile(np.abs(values), 90))
+    assert report_plots.symlog_threshold(np.linspace(-50, 50, 99)) is None
+
+
+def test_drift_findings_show_the_bound_they_were_checked_against(demo, tmp_path):
+    store = copy_of(demo.store, tmp_path)
+    run_id = int(store.sql(
+        "INSERT INTO quality_runs (suite, dataset_name, dataset_version, model_key, success, n_rows, failure_rate) "
+        "VALUES ('scores', 'demo', 1, ?, true, 48, 0) RETURNING quality_run_id", write=True, params=[MODEL],
+    ).quality_run_id.iloc[0])
+    mean = {"kwargs": {"column": "ches", "min_value": 20.25, "max_value": 27.75}, "observed_value": 31.5}
+    quantiles = {"kwargs": {"column": "ln_ches", "quantile_ranges": {"quantiles": [0.1, 0.9],
+                                                                     "value_ranges": [[0.5, 1.5], [2.0, 3.0]]}},
+                 "observed_value": {"quantiles": [0.1, 0.9], "values": [1.0, 3.5]}}
+    store.sql("INSERT INTO quality_results VALUES (?, 'ches_mean_drift', 'warn', false, NULL, '[]', ?), "
+              "(?, 'ln_ches_quantiles_drift', 'warn', false, NULL, '[]', ?)", write=True,
+              params=[run_id, json.dumps(mean), run_id, json.dumps(quantiles)])
+    rows = {row[1].split("{")[0]: row for row in Page(build_report(store, "demo")).rows("quality") if len(row) == 7}
+    assert rows["ches_mean_drift"][5:7] == ["31.5", "[20.25, 27.75]"]
+    assert rows["ln_ches_quantiles_drift"][5:7] == ["p10 1, p90 3.5", "p10 in [0.5, 1.5]; p90 in [2, 3]"]
+    assert finding_bound({"max_value": 4000}) == "[−∞, 4,000]" and finding_bound({"column": "chosen"}) == ""
+
