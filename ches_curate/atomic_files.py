@@ -8,6 +8,7 @@ as it was, no staging file is left behind, and the result gets the mode a plain
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -15,7 +16,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ches_curate.errors import ChesCurateError
+
 T = TypeVar("T")
+_WRITE_FIXES = {  # how to fix a failed --output write, by errno
+    errno.ENOSPC: "free some space or choose another --output",
+    errno.EDQUOT: "free some space or choose another --output",
+    errno.EACCES: "choose an --output in a directory you can write to",
+    errno.EPERM: "choose an --output in a directory you can write to",
+    errno.EROFS: "choose an --output on a writable file system",
+    errno.ENOENT: "create the directory first",
+    errno.ENOTDIR: "choose an --output whose folders are folders",
+    errno.EISDIR: "give --output a file name, not a directory",
+}
+
+
+def write_output(output: Path, write: Callable[[Path], T], *, parents: bool = False) -> T:
+    """`replace_atomically` for a file the user named: with `parents` its folders are made first, and any
+    `OSError` (a full disk, a read-only or missing folder, a directory at `output`) is one `ChesCurateError`
+    naming `output` and the fix, with `output` as it was."""
+    try:
+        if parents:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        if output.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
+        return replace_atomically(output, write)
+    except OSError as err:
+        raise ChesCurateError(f"cannot write {output}: {err.strerror or err}; nothing was written "
+                              f"({_WRITE_FIXES.get(err.errno, 'check the path')} and rerun)") from err
 
 
 def replace_atomically(output: Path, write: Callable[[Path], T], *, directory: bool = False) -> T:

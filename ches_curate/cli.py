@@ -118,7 +118,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as err:
+    except (Exception, GeneratorExit) as err:  # GeneratorExit: a BaseException that no code of ours raises
         if debug_enabled():
             raise
         err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(printable(err))} "

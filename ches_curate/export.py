@@ -15,11 +15,13 @@ Each pair is written once, at its first row, in dataset order; the output appear
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -180,6 +182,9 @@ def _extra_columns(store: Store, name: str, version: int,
             except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
                 raise ChesCurateError(f"extra column {key!r} holds values of different types ({err}); export with "
                                       "--no-extra-columns, or make its values one type") from None
+            except OverflowError:
+                raise ChesCurateError(f"extra column {key!r} holds an integer beyond 64 bits, which Arrow and Parquet "
+                                      "cannot store; export with --no-extra-columns, or store it as a string") from None
     return types, tuple(left_out)
 
 
@@ -191,11 +196,11 @@ def _batched(items) -> Iterator[list]:
 
 def _atomically(output: Path, directory: bool, write: Callable[[Path], int]) -> int:
     """`write` into a staging path beside `output`, then rename it into place; a failure leaves `output` as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     if directory and output.exists() and not output.is_dir():
         raise ChesCurateError(f"{output} is a file; a datasets export is a directory: remove it or choose another "
                               "--output")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         return replace_atomically(output, write, directory=directory)
     except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
         raise ChesCurateError(f"cannot write {output}: {err.strerror or err} (nothing was exported; "
@@ -207,9 +212,22 @@ def _write_jsonl(records: Iterator[dict], path: Path, schema: pa.Schema) -> int:
     count = 0
     with open(path, "w", encoding="utf-8") as out:
         for record in records:
-            out.write(json.dumps({name: record.get(name) for name in schema.names}, ensure_ascii=False) + "\n")
+            row = {name: _finite(record.get(name)) for name in schema.names}
+            out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
             count += 1
     return count
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and ±Infinity as null, at any depth: JSON has no such numbers (Python would write bare
+    `NaN`, which JSON readers refuse), and a missing value is what a NaN in a table usually means."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _write_parquet(records: Iterator[dict], path: Path, schema: pa.Schema) -> int:

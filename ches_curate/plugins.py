@@ -179,7 +179,7 @@ def call_plugin(plugin: str, call: Callable[[], Any], hint: str | None = None) -
     """Run plugin code; turn any exception into one line naming the plugin (cause chained)."""
     try:
         return call()
-    except (Exception, SystemExit) as err:  # a plugin's sys.exit() must not end the command as a success
+    except (Exception, SystemExit, GeneratorExit) as err:  # a plugin's sys.exit() must not end the command as a success
         detail = str(err) if isinstance(err, ChesCurateError) else describe_failure(err)
         if isinstance(err, pluggy.PluginValidationError):
             lines = re.sub(r" in plugin <.*>$", "", str(err), flags=re.S).splitlines()

@@ -45,9 +45,10 @@ class PolicyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     score_column: str = Field(
-        "ches",
-        description="Score to rank by: ches, ln_ches, last_hidden_ip, -edit_distance or any stored score "
-        "(a plugin's, an imported one); a leading '-' negates, so -edit_distance ranks the most similar pairs highest.",
+        "ln_ches",
+        description="Score to rank by: ln_ches (the length-normalised CHES the paper filters on; raw ches grows with "
+        "the square of the response lengths), ches, last_hidden_ip, -edit_distance or any stored score (a plugin's, "
+        "an imported one); a leading '-' negates, so -edit_distance ranks the most similar pairs highest.",
     )
 
     @field_validator("score_column")
@@ -256,7 +257,7 @@ def apply_policy(scores: Any, policy_name: str, params: dict[str, Any] | None = 
         result = entry.obj.select(_private_copy(offered), validated)
     except ChesCurateError:
         raise
-    except (Exception, SystemExit) as err:  # a plugin's sys.exit() must not end the command as a success
+    except (Exception, SystemExit, GeneratorExit) as err:  # a plugin's sys.exit() must not end the command as a success
         raise ChesCurateError(
             f"policy '{policy_name}' (plugin '{entry.plugin}') failed: {plugins.describe_failure(err)}"
         ) from err

@@ -14,6 +14,7 @@ import random
 import shutil
 import stat
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -304,3 +305,81 @@ def test_an_unwritable_output_fails_before_the_model_loads(shards, pairs_file, t
         assert error.endswith("(pick another --output)"), (label, error)
         assert not os.path.isfile(out) and not list(tmp_path.glob("**/*.shards")), label
     assert model_loads == []
+
+
+# --- outputs that cannot be written, values that cannot be exported, plugins that raise GeneratorExit ---------------
+
+
+def _enospc_mid_write(self, *args, **kwargs):
+    raise OSError(28, os.strerror(28))
+
+
+@pytest.mark.parametrize("where", ["a directory", "/proc/version", "full disk"])
+def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_file(where, tmp_path, monkeypatch):
+    from tests.test_exit_codes import scored_store
+
+    db = scored_store(tmp_path)
+    out = {"a directory": tmp_path / "r.html", "/proc/version": "/proc/version"}.get(where, tmp_path / "r.html")
+    if where == "a directory":
+        out.mkdir()
+    if where == "full disk":
+        monkeypatch.setattr(Path, "write_text", _enospc_mid_write)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    error = error_line(run_cli("report", "--dataset", "toy", "--db", db, "-o", out), 1)
+    assert error.startswith(f"error: cannot write {out}: ") and "nothing was written" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _export_store(tmp_path, extra: str) -> Path:
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({**PAIR, "prompt": f"q{i}"})[:-1] + f", {extra}}}\n" for i in range(2)))
+    assert run_cli("ingest", source, "--dataset", "toy", "--db", tmp_path / "s.duckdb").code == 0
+    return tmp_path / "s.duckdb"
+
+
+def test_export_of_an_integer_beyond_64_bits_is_one_line(tmp_path):
+    db = _export_store(tmp_path, f'"big": {2 ** 70}')
+    error = error_line(run_cli("export", "--dataset", "toy", "--db", db, "-o", tmp_path / "out.jsonl"), 1)
+    assert error.startswith("error: extra column 'big' holds an integer beyond 64 bits"), error
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_export_writes_nan_and_infinity_as_json_null(tmp_path):
+    db = _export_store(tmp_path, '"nan": NaN, "inf": [Infinity, 1.5]')
+    assert run_cli("export", "--dataset", "toy", "--db", db, "-o", tmp_path / "out.jsonl").code == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(row["nan"], row["inf"]) for row in rows] == [(None, [None, 1.5])] * 2
+
+
+def test_a_policy_raising_generator_exit_is_that_plugins_failure(tmp_path):
+    from tests.test_exit_codes import plugin_file, scored_store
+
+    db = scored_store(tmp_path)
+    plugin = plugin_file(tmp_path, "raise GeneratorExit('bye')")
+    error = error_line(run_cli("filter", "--plugin", plugin, "--policy", "sly", "--dataset", "toy", "--db", db), 1)
+    assert "policy 'sly'" in error and "failed: GeneratorExit: bye" in error, error
+
+
+def test_scoring_a_file_whose_every_row_is_rejected_fails_and_writes_nothing(tmp_path, tiny_llama_dir):
+    source = tmp_path / "bad.jsonl"
+    source.write_text(json.dumps({**PAIR, "chosen": ""}) + "\n" + json.dumps({**PAIR, "rejected": ""}) + "\n")
+    run = run_cli("score", source, "--model", tiny_llama_dir, "--on-error", "quarantine", "-o", tmp_path / "s.parquet")
+    assert run.code == 1 and run.error == (f"error: {source}: no pairs to score: all 2 rows were rejected (first: line 1: "
+                                  "field 'chosen' is empty); nothing was written. Fix the file (or check --format) "
+                                  "and rerun")
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_a_full_disk_writing_the_rejected_rows_names_that_file_and_leaves_neither(tmp_path, tiny_llama_dir,
+                                                                                   monkeypatch):
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(_pair(0) + "\n" + json.dumps({**PAIR, "chosen": ""}) + "\n")
+    monkeypatch.setattr(Path, "write_text", _enospc_mid_write)
+    out = tmp_path / "s.parquet"
+    run = run_cli("score", source, "--model", tiny_llama_dir, "--on-error", "quarantine", "-o", out)
+    assert run.code == 1 and run.error.startswith(f"error: cannot write {tmp_path / 's.rejected.jsonl'}: No space left")
+    assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]

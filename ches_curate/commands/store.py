@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ches_curate.atomic_files import replace_atomically
+from ches_curate.atomic_files import write_output
 from ches_curate.commands import options, tables
 from ches_curate.errors import ChesCurateError
 from ches_curate.query_guard import QueryLimits
@@ -25,15 +23,6 @@ err_console = Console(stderr=True)
 SQL_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 200
 """Rows shown by the table format; machine formats write every row."""
-_WRITE_FIXES = {  # how to fix a failed --output write, by errno
-    errno.ENOSPC: "free some space or choose another --output",
-    errno.EDQUOT: "free some space or choose another --output",
-    errno.EACCES: "choose an --output in a directory you can write to",
-    errno.EPERM: "choose an --output in a directory you can write to",
-    errno.EROFS: "choose an --output on a writable file system",
-    errno.ENOENT: "create the directory first",
-    errno.EISDIR: "give --output a file name, not a directory",
-}
 
 
 def _store(db: Path | None, create: bool = False):
@@ -114,7 +103,7 @@ def register(app: typer.Typer) -> None:
         elif output is None:
             _write_text(result, fmt, sys.stdout)
         else:
-            _write_atomically(output, lambda path: _write_file(result, fmt, path))
+            write_output(output, lambda path: _write_file(result, fmt, path))
             err_console.print(f"wrote {len(result):,} rows to {escape(str(output))}")
 
     @app.command()
@@ -202,15 +191,6 @@ def _write_text(frame, fmt: str, file) -> None:
     else:
         file.write(_plain_columns(frame, _plain).to_json(orient="records", date_format="iso", force_ascii=False,
                                                          default_handler=str) + "\n")
-
-
-def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
-    """`write(temp)` into a temp file beside `output`, then rename it: a failed write leaves no partial file."""
-    try:
-        replace_atomically(output, write)
-    except OSError as err:
-        raise ChesCurateError(f"cannot write {output}: {err.strerror or err}; nothing was written "
-                              f"({_WRITE_FIXES.get(err.errno, 'check the path')} and rerun)") from err
 
 
 def _plain_columns(frame, render):

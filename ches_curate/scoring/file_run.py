@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ches_curate.atomic_files import replace_atomically
 from ches_curate.errors import ChesCurateError, InputError
 from ches_curate.ingest import RejectedRow, read_pairs
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
@@ -82,12 +83,10 @@ def score_file(
         if collected
         else pd.DataFrame(columns=list(SCORE_COLUMNS))
     )
-    try:
-        write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), output)
-        rejected_path = write_rejected(output, rejected, scorer.failures)
-    except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
-        raise ChesCurateError(f"cannot write {output}: {err.strerror or err} (free some space or pick another "
-                              "--output, then rerun)") from err
+    if table.empty and (rejected or scorer.failures):
+        raise _nothing_scored(source, rejected, scorer.failures)
+    rejected_path = _write_outputs(output, pa.Table.from_pandas(table, preserve_index=False), rejected,
+                                   scorer.failures)
     return ScoreFileSummary(
         output=output,
         model_key=scorer.key,
@@ -132,29 +131,55 @@ def _why_unwritable(folder: Path, err: OSError) -> str:
     return f"no file can be created in {folder} ({err.strerror})"
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a hidden temporary name beside `path`, then rename: `path` is complete or absent (also on error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def _nothing_scored(source: str | Path, rejected: list[RejectedRow], failures: list[dict]) -> ChesCurateError:
+    """Every row was rejected: no table of zero rows that a script would take for a result."""
+    if rejected:
+        first = rejected[0]
+        where = f"line {first.line}: " if first.line is not None else ""
+        what = f"field '{first.field}' {first.reason}" if first.field else first.reason
+    else:
+        where, what = f"row {failures[0]['row']}: ", failures[0]["reason"]
+    return ChesCurateError(f"{source}: no pairs to score: all {len(rejected) + len(failures):,} rows were rejected "
+                           f"(first: {where}{what}); nothing was written. Fix the file (or check --format) and rerun")
+
+
+def _write_outputs(output: Path, table: pa.Table, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:
+    """The rejected rows, then the table, each complete or absent; a failed write names its file and
+    leaves neither. Returns the rejected rows' path, if any were rejected."""
+    rejected_path = None
     try:
-        pq.write_table(table, partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        rejected_path = write_rejected(output, rejected, failures)
+        write_parquet_atomic(table, output)
+    except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
+        failed = output if rejected_path or not (rejected or failures) else rejected_file(output)
+        if rejected_path:
+            rejected_path.unlink(missing_ok=True)
+        raise ChesCurateError(f"cannot write {failed}: {err.strerror or err} (free some space or pick another "
+                              "--output, then rerun)") from err
+    return rejected_path
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a hidden temporary name beside `path`, then rename: `path` is complete or as it was (also on error)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, lambda staging: pq.write_table(table, staging))
+
+
+def rejected_file(output: Path) -> Path:
+    """Where the rows rejected while scoring `output` go: `OUT.rejected.jsonl` beside it."""
+    return output.with_name(output.name.removesuffix(".parquet") + ".rejected.jsonl")
 
 
 def write_rejected(output: Path, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:
-    path = output.with_name(output.name.removesuffix(".parquet") + ".rejected.jsonl")
+    """`rejected_file(output)` written whole (none when nothing was rejected; an old one is removed)."""
+    path = rejected_file(output)
     if not rejected and not failures:
-        if path.exists():
-            path.unlink()
+        path.unlink(missing_ok=True)
         return None
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rejected:
-            handle.write(json.dumps({"stage": "ingest", **asdict(row)}, ensure_ascii=False) + "\n")
-        for failure in failures:
-            handle.write(json.dumps({"stage": "scoring", **failure}, ensure_ascii=False) + "\n")
+    lines = [json.dumps({"stage": "ingest", **asdict(row)}, ensure_ascii=False) + "\n" for row in rejected]
+    lines += [json.dumps({"stage": "scoring", **failure}, ensure_ascii=False) + "\n" for failure in failures]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, lambda staging: staging.write_text("".join(lines), encoding="utf-8"))
     return path
 
 
