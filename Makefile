@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is installed first, alone, so pip takes the local CPU wheel instead of a CUDA build.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The curation pipeline (ZenML, local store) on 120 real hh-rlhf pairs with the default model.
 demo: venv
-	ZENML_ANALYTICS_OPT_IN=false GX_ANALYTICS_ENABLED=false $(VENV)/bin/ches-curate run curation --config pipelines/configs/demo.yaml
+	ZENML_ANALYTICS_OPT_IN=false GX_ANALYTICS_ENABLED=false $(VENV)/bin/ches-curate run curation --config demo
 
 # The report tests load the HTML in Debian's headless chromium; installed here so `make test` is the whole set-up.
 browser:

@@ -20,8 +20,6 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.pipeline_config import PipelineConfig
 
 PIPELINES = ("curation", "ablation", "refresh", "refusal")
-QUIET_LOGGERS = ("great_expectations",)
-"""Libraries whose INFO records ZenML's root handler would print (hundreds of lines per quality step)."""
 MODEL_NAME = "ches_curate"
 """The ZenML Model that links every run of these pipelines and their artifacts."""
 
@@ -41,8 +39,6 @@ def run_pipeline(name: str, config: PipelineConfig, schedule: Any = None) -> Any
     accepts there (`settings`, `steps`, `enable_cache`, `run_name`, ...) works.
     """
     pipeline = get_pipeline(name)
-    for logger_name in QUIET_LOGGERS:
-        logging.getLogger(logger_name).setLevel(logging.WARNING)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="zenml_run_config_") as run_config:
         yaml.safe_dump(config.zenml, run_config)
         run_config.flush()

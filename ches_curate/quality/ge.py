@@ -20,13 +20,19 @@ import pandas as pd
 
 @functools.cache
 def gx_module() -> Any:
-    """`great_expectations`, imported once with analytics off and its logging quiet."""
+    """`great_expectations`, imported once with analytics off and its logging quiet.
+
+    Its import logs ~200 INFO lines ("Skipping registering function ...") and each suite run
+    hundreds more, which a ZenML step's log (INFO) would show. So GE's logger is set to
+    WARNING before the import, unless the user set a level on it: theirs is kept.
+    """
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:
+        gx_logger.setLevel(logging.WARNING)
     with warnings.catch_warnings():  # GE 1.24 imports the deprecated sre_constants/sre_parse
         warnings.simplefilter("ignore", DeprecationWarning)
         import great_expectations as gx
-
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
     return gx
 
 
