@@ -104,7 +104,8 @@ def score_shard(
         check_manifest(work_dir, identity, create=False)
         return ShardResult(shard, part, pq.ParquetFile(part).metadata.num_rows, 0, skipped=True)
     scorer = model if isinstance(model, Scorer) else Scorer(model, config)
-    info = {k: scorer.loaded.info.get(k) for k in ("name", "revision", "file_hash", "dtype")}
+    info = {k: scorer.loaded.info.get(k) for k in ("name", "revision", "file_hash", "dtype", "tokenizer_hash",
+                                                   "path")}
     tokenization = recorded_version(scorer.loaded.tokenizer, config.chat_template)
     check_manifest(work_dir, {**identity, "model_key": scorer.key, "tokenization_version": tokenization,
                               "model_info": info})

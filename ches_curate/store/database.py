@@ -529,11 +529,12 @@ class Store:
         """`save_selection`, and whether an identical selection was reused rather than written.
 
         Identical: same source, dataset version, model, tokenization version of the scores, policy,
-        params, score column, set of scored pairs decided (`scored_pairs_hash`, see
-        `selection.scored_pairs_hash`) and the same (pair_id, kept, rank) for every pair. The source is part of it so that a
-        selection keeps saying where it came from: the same `filter` twice is one selection,
-        while an ablation arm never takes over (or hands over) a user's selection, which
-        `report` and `selections` show by default.
+        params, score column, set of scored pairs decided (`selection.scored_pairs_hash`) and the
+        same (pair_id, kept, rank) for every pair; `selection.select` passes them all, so every
+        selection follows this one rule. The source is part of it so that a selection keeps
+        saying where it came from: the same `filter` twice is one selection, while an ablation
+        arm never takes over (or hands over) a user's selection, which `report` and
+        `selections` show by default.
         """
         if source not in SELECTION_SOURCES:
             raise ValueError(f"selection source {source!r} is not one of {', '.join(SELECTION_SOURCES)}")
