@@ -23,10 +23,11 @@ from typing import Any
 import pandas as pd
 
 from ches_curate.errors import ChesCurateError
-from ches_curate.policies import SelectionResult, apply_policy
+from ches_curate.policies import SCORABLE_COLUMNS, SelectionResult, apply_policy, get_policy, validate_params
 from ches_curate.tokenization import is_raw
 from ches_curate.store import Store
 from ches_curate.store.database import default_path
+from ches_curate.store.plugin_scores import with_plugin_scores
 
 EXCLUDED_STAGES = ("quality", "scoring")
 """Quarantine stages whose pairs never reach a policy: they failed an `error` expectation or could not be scored."""
@@ -157,6 +158,7 @@ def selectable_scores(store: Store, name: str, version: int, model_key: str) -> 
     if scores.empty:
         raise ChesCurateError(f"dataset {name!r} v{version} has no scores for model {model_key!r}; "
                               f"run `ches-curate score --dataset {name}` first")
+    scores = with_plugin_scores(store, scores, name, version, model_key)
     excluded = scores.pair_id.isin(quarantined_pair_ids(store, name, version))
     n_excluded = int(scores.loc[excluded, "pair_id"].nunique())
     if excluded.all():
@@ -175,6 +177,7 @@ def select(store: Store, name: str, version: int, model_key: str, policy: str, p
     who asked: `cli`, `pipeline`, `refresh`, `ablation` or `api` (a Python caller).
     """
     frame, n_excluded = scores if scores is not None else selectable_scores(store, name, version, model_key)
+    frame, n_failed = without_failed_scores(frame, policy, params)
     result = apply_policy(frame, policy, params)
     missing = unscored(store, name, version, model_key)
     selection_id, reused = store.record_selection(
@@ -182,7 +185,26 @@ def select(store: Store, name: str, version: int, model_key: str, policy: str, p
         tokenization_version=missing.tokenization_version, scored_pairs_hash=scored_pairs_hash(result.frame.pair_id),
     )
     return Selection(selection_id, name, version, model_key, result.policy, result.params, len(result.frame),
-                     result.n_kept, n_excluded, result.frame, result, reused, missing)
+                     result.n_kept, n_excluded + n_failed, result.frame, result, reused, missing)
+
+
+def without_failed_scores(frame: pd.DataFrame, policy: str, params: dict[str, Any] | None) -> tuple[pd.DataFrame, int]:
+    """`frame` without the pairs a plugin score the policy ranks by failed on (quarantined for that score; NaN),
+    and how many distinct pairs that left out. The built-in scores' NaN stays an error (`score_values`)."""
+    validated = validate_params(get_policy(policy).obj, params or {}).model_dump(mode="json")
+    columns = {c.removeprefix("-") for c in _score_columns(validated)} & set(frame.columns) - set(SCORABLE_COLUMNS)
+    failed = frame[sorted(columns)].isna().any(axis=1) if columns else pd.Series(False, index=frame.index)
+    return frame[~failed].reset_index(drop=True), int(frame.loc[failed, "pair_id"].nunique())
+
+
+def _score_columns(params: Any) -> list[str]:
+    """Every `score_column` in validated params, a chain's steps included."""
+    if isinstance(params, dict):
+        own = [params["score_column"]] if isinstance(params.get("score_column"), str) else []
+        return own + [c for key, value in params.items() if key != "score_column" for c in _score_columns(value)]
+    if isinstance(params, list):
+        return [c for value in params for c in _score_columns(value)]
+    return []
 
 
 def load_selection(store: Store, selection_id: int) -> Selection:

@@ -148,3 +148,29 @@ def test_rows_need_a_dataset_and_the_cli_imports_and_reports(scored, tmp_path):
     frame = scored.sql('SELECT "row", reward_margin FROM latest_scores_wide ORDER BY "row"')
     assert frame.reward_margin.isna().tolist() == [False, True, False, True, True, True]
     assert frame.reward_margin[[0, 2]].tolist() == [1.0, 1.0]
+
+
+def test_filter_chains_ln_ches_and_an_imported_score_as_one_selection_equal_to_pandas(scored, tmp_path):
+    ids = list(dict.fromkeys(pair_ids(scored)))
+    margins = [2.0, 0.5, 1.5, -1.0, "n/a"]  # the last pair is quarantined for reward_margin
+    source = write_jsonl(tmp_path / "m.jsonl", [{"pair_id": p, "value": m} for p, m in zip(ids, margins)])
+    import_scores(scored, source, "reward_margin", on_error="quarantine")
+    runner = CliRunner()
+    result = runner.invoke(app, ["filter", "--dataset", "d", "--db", str(scored.path), "--policy", "percentile",
+                                 "--param", "p=75", "--param", "score_column=ln_ches",
+                                 "--then", "threshold value=-1 score_column=-reward_margin"])
+    assert result.exit_code == 0, result.output
+
+    scores = scored.scores("d").drop_duplicates("pair_id").set_index("pair_id").loc[ids[:4]]
+    scores["reward_margin"] = margins[:4]
+    first = scores[scores.ln_ches <= np.percentile(scores.ln_ches, 75)]
+    by_hand = set(first[first.reward_margin >= 1].index)
+    selection = scored.selections().iloc[0]
+    kept = scored.selection(int(selection.selection_id))
+    assert set(kept.pair_id[kept.kept]) == by_hand and len(kept) == 4  # the failed pair is left out, counted
+    assert "1 quarantined pairs were left out before the policy" in result.output
+    assert (selection.policy, selection.score_column) == ("chain", "-reward_margin")
+    assert json.loads(selection.params)["steps"] == [
+        {"policy": "percentile", "params": {"score_column": "ln_ches", "p": 75.0}},
+        {"policy": "threshold", "params": {"score_column": "-reward_margin", "value": -1.0}},
+    ]

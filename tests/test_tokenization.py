@@ -133,17 +133,22 @@ def load_export(path: Path, cache: Path):
     return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache))
 
 
-def trl_ids(dataset, loaded, max_length: int | None, output_dir: Path) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids of each example as TRL trains on them: its DPOTrainer's prepared dataset,
-    cut by its collator (`keep_start`), read back from the collated batch's masks."""
+def trl_trainer(dataset, loaded, max_length: int | None, output_dir: Path):
+    """TRL's DPOTrainer on `dataset` with copies of the model as policy and reference, on the CPU."""
     from trl import DPOConfig, DPOTrainer
 
     with warnings.catch_warnings():  # transformers 5 renamed gradient checkpointing; TRL still sets the old name
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         args = DPOConfig(output_dir=str(output_dir), use_cpu=True, bf16=False, gradient_checkpointing=False,
                          report_to="none", max_length=max_length)
-    trainer = DPOTrainer(model=clone_model(loaded.model), ref_model=clone_model(loaded.model), args=args,
-                         train_dataset=dataset, processing_class=loaded.tokenizer)
+    return DPOTrainer(model=clone_model(loaded.model), ref_model=clone_model(loaded.model), args=args,
+                      train_dataset=dataset, processing_class=loaded.tokenizer)
+
+
+def trl_ids(dataset, loaded, max_length: int | None, output_dir: Path) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids of each example as TRL trains on them: its DPOTrainer's prepared dataset,
+    cut by its collator (`keep_start`), read back from the collated batch's masks."""
+    trainer = trl_trainer(dataset, loaded, max_length, output_dir)
     out = []
     for example in trainer.train_dataset:
         batch = trainer.data_collator([{k: example[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ches_curate.commands import options
+from ches_curate.commands.filter import PLUGIN_HELP, load_plugins
 from ches_curate.errors import ChesCurateError
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.terminal import printable
@@ -54,6 +55,8 @@ def register(app: typer.Typer) -> None:
         shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Score in N shards by pair_id hash (part files, then merge); under torchrun N defaults to WORLD_SIZE."),
         rank: Optional[list[int]] = typer.Option(None, "--rank", help="With --shards: score only this shard (repeatable), e.g. one whose process crashed."),
         work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="With --shards: folder for the part files (default OUT.shards/ beside --output)."),
+        scores: Optional[str] = typer.Option(None, "--scores", help="Registered scores to compute beside CHES in the same pass, comma-separated (`ches-curate scores list`; `all` for every one); default: those registered as default. Stored scored pairs get the ones they lack."),
+        plugin: list[str] = typer.Option([], "--plugin", help=PLUGIN_HELP),
     ) -> None:
         """Compute CHES, ln-CHES and the paper's baselines for every pair.
 
@@ -63,9 +66,11 @@ def register(app: typer.Typer) -> None:
         With --shards (or under torchrun) each shard is scored into its own part file and the
         parts are merged into the same table; a crashed shard is re-run alone with --rank.
         """
+        load_plugins(plugin)
         config = ScoringConfig(max_batch_tokens=max_batch_tokens, batch_size=batch_size, max_length=max_length,
                                device=device, dtype=dtype, on_error=on_error, share_prompt=share_prompt,
-                               trust_remote_code=trust_remote_code, chat_template=not no_chat_template)
+                               trust_remote_code=trust_remote_code, chat_template=not no_chat_template,
+                               scores=tuple(n.strip() for n in scores.split(",") if n.strip()) if scores else None)
         from ches_curate.tokenization import use_chat_template
 
         ctx.with_resource(use_chat_template(not no_chat_template))  # the tokenization version the store records
@@ -89,9 +94,11 @@ def register(app: typer.Typer) -> None:
         if input is None or output is None:
             raise ChesCurateError("give INPUT and --output OUT.parquet, or --dataset NAME to score a stored dataset")
         from ches_curate.scoring.file_run import score_file
+        from ches_curate.tokenization import describe_tokenization
 
         result = score_file(input, output, model=model, config=config, format=format, split=split, limit=limit)
-        print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key}")
+        print_summary(result.summary, f"{result.n_scored} pairs scored with {result.model_key} "
+                                      f"({describe_tokenization(result.tokenization_version)})")
         console.print(f"wrote [bold]{escape(printable(result.output))}[/] in {result.seconds:.1f} s")
         if result.rejected_path:
             console.print(f"[yellow]{result.n_rejected} rows rejected[/], with reasons, in "

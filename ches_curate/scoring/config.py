@@ -47,8 +47,13 @@ class ScoringConfig:
     chat_template: bool | None = None
     """Render plain prompts through the chat template (TRL's conversational rows); False: as text; None: the
     enclosing `tokenization.use_chat_template` setting (the CLI's `--no-chat-template`)."""
+    scores: tuple[str, ...] | None = None
+    """Registered scores to compute beside the four built-in columns (`ches-curate scores list`), in the same
+    forward pass; `("all",)` for every one; None: those registered with `default = True`."""
 
     def __post_init__(self) -> None:
+        if self.scores is not None:
+            self.scores = tuple(self.scores)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ChesCurateError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

@@ -1,7 +1,9 @@
 """Batched, exact CHES scoring of preference pairs.
 
 Why it is fast:
-- the base model runs without the LM head (no logits: CHES needs hidden states only);
+- the base model runs without the LM head (no logits: CHES needs hidden states only); the
+  log-prob scores, when asked for, apply it only at the positions that predict response
+  tokens (`score_pass`), and every other registered score reads the same pass;
 - each pair is one row `[prompt | chosen[:-1] | rejected[:-1]]` under a block attention
   mask: the prompt is causal, each response sees the prompt and its own earlier tokens
   (never the other response), and both responses' position ids start at P. The prompt
@@ -36,9 +38,13 @@ from rapidfuzz.distance import Levenshtein
 from ches_curate.errors import ChesCurateError
 from ches_curate.models import LoadedModel, load_model
 from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
-from ches_curate.scoring.ches import ches_scores, last_hidden_inner_product
+from ches_curate.scores.compute import ScoreFailure
+from ches_curate.scores.spec import COLUMN_SCORES, get_score, selected_scores
 from ches_curate.scoring.config import DEFAULT_BATCH_TOKENS, ScoringConfig
 from ches_curate.scoring.progress import SCORING_LOGGER, Throughput
+from ches_curate.scoring.score_pass import (
+    Forward, batch_inputs, check_logprobs_supported, response_logprobs, score_frame,
+)
 from ches_curate.tokenization import EncodedPair, TruncationError, encode_pair
 
 logger = logging.getLogger(SCORING_LOGGER)
@@ -79,9 +85,15 @@ class Scorer:
         self.max_batch_tokens = self.config.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(device_type, 4096)
         self.mode = self._pick_mode()
         """`block`, `cache` or `unshared`: how prompts are fed (see the module docstring)."""
+        self.column_scores = [get_score(name) for name in COLUMN_SCORES]
+        self.plugin_scores = selected_scores(self.config.scores, exclude=COLUMN_SCORES)
+        """The registered scores computed beside the `scores` columns, from the same pass (`ScoringConfig.scores`)."""
+        self.score_failures: list[ScoreFailure] = []
+        """Pairs a plugin score failed on (the pair is scored; that score's value is NaN)."""
 
     def score_batches(self, pairs: Iterable[PreferencePair], total: int | None = None) -> Iterator[pd.DataFrame]:
-        """Yield one score frame (columns `SCORE_COLUMNS`) per forward batch, streaming the input.
+        """Yield one score frame (columns `SCORE_COLUMNS`, then one per plugin score) per forward batch, streaming
+        the input.
 
         Each frame's `attrs["tokens"]` is the tokens fed for it (padding excluded). Every
         `progress_every_s` a line with pairs done, tokens/s and (given `total` pairs) the ETA
@@ -156,26 +168,17 @@ class Scorer:
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Encoded]) -> pd.DataFrame:
         tokens = [e.tokens for e in batch]
-        hidden_sums = {"block": self._hidden_sums_block, "cache": self._hidden_sums_cached,
-                       "unshared": self._hidden_sums_unshared}[self.mode]
-        sums, lasts = hidden_sums(tokens)
-        chosen_len = torch.tensor([len(t.chosen_ids) for t in tokens], dtype=torch.float64)
-        rejected_len = torch.tensor([len(t.rejected_ids) for t in tokens], dtype=torch.float64)
-        chosen_sum, rejected_sum = sums[0::2].cpu(), sums[1::2].cpu()
-        ches, ln_ches = ches_scores(chosen_sum, rejected_sum, chosen_len, rejected_len)
-        last_ip = last_hidden_inner_product(lasts[0::2].cpu().double(), lasts[1::2].cpu().double())
-        rows = []
-        for i, e in enumerate(batch):
-            values = (ches[i].item(), ln_ches[i].item(), last_ip[i].item())
-            if not all(map(_finite, values)):
-                self._fail(e.pair, e.pair_id, None, "the model produced non-finite hidden states")
-                continue
-            rows.append(
-                (e.pair.row, e.pair_id, *values[:2], len(e.tokens.chosen_ids), len(e.tokens.rejected_ids),
-                 values[2], normalized_edit_distance(e.tokens.chosen_ids, e.tokens.rejected_ids), e.tokens.truncated)
-            )
-        frame = pd.DataFrame(rows, columns=["row", "pair_id", "ches", "ln_ches", "chosen_tokens", "rejected_tokens",
-                                            "last_hidden_ip", "edit_distance", "truncated"])[list(SCORE_COLUMNS)]
+        forward = {"block": self._hidden_sums_block, "cache": self._hidden_sums_cached,
+                   "unshared": self._hidden_sums_unshared}[self.mode](tokens)
+        wants_logprobs = any("logprobs" in entry.obj.needs for entry in self.plugin_scores)
+        if wants_logprobs:
+            check_logprobs_supported(self.loaded.model, self.key)
+        logprobs = response_logprobs(self.loaded.model, tokens, forward) if wants_logprobs else None
+        inputs = batch_inputs(batch, forward, logprobs, self.key, self.loaded.device)
+        frame, unscorable, failures = score_frame(inputs, self.column_scores, self.plugin_scores)
+        for i, reason in unscorable.items():
+            self._fail(batch[i].pair, batch[i].pair_id, None, reason)
+        self.score_failures += failures
         fed = sum(e.fed for e in batch)
         frame.attrs["tokens"] = fed if self.mode != "unshared" else fed + sum(len(t.prompt_ids) for t in tokens)
         return frame
@@ -222,7 +225,7 @@ class Scorer:
             out[row, slice(longest - len(seq), longest) if left else slice(0, len(seq))] = torch.tensor(seq, dtype=torch.long)
         return out
 
-    def _hidden_sums_block(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hidden_sums_block(self, tokens: list[EncodedPair]) -> Forward:
         """Rows 2i / 2i+1 = chosen / rejected of pair i: float64 sums and the last predicting state.
 
         Pair i is row i, `[prompt | chosen[:-1] | rejected[:-1]]`, with branch 0 / 1 / 2 for
@@ -256,7 +259,7 @@ class Scorer:
                            attention_mask=mask.unsqueeze(1), use_cache=False).last_hidden_state
         return _gather_sums(hidden, predicting, owners, lasts, 2 * len(tokens))
 
-    def _hidden_sums_cached(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hidden_sums_cached(self, tokens: list[EncodedPair]) -> Forward:
         """The same sums with the prompt run once and its KV cache repeated for both responses."""
         device = self.loaded.device
         # Left-padded, so that every row's responses follow its prompt directly (see the module docstring).
@@ -269,8 +272,10 @@ class Scorer:
         prompt_last = out.last_hidden_state[:, -1].repeat_interleave(2, dim=0)
         sums, lasts = prompt_last.double(), prompt_last.clone()
         responses = [ids[:-1] for t in tokens for ids in (t.chosen_ids, t.rejected_ids)]
+        owners = torch.arange(len(responses), device=device).repeat_interleave(
+            torch.tensor([len(r) + 1 for r in responses], device=device))
         if max(map(len, responses)) == 0:
-            return sums, lasts
+            return Forward(sums, lasts, prompt_last, owners)
         # transformers 5.x renamed `past_key_values` to `cache`; accept both.
         cache_arg = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         cache = out.cache if cache_arg == "cache" else out.past_key_values
@@ -285,9 +290,12 @@ class Scorer:
         for row, response in enumerate(responses):
             if response:
                 lasts[row] = hidden[row, len(response) - 1]
-        return sums, lasts
+        # The prompt's last state predicts each response's first token, its own states the rest.
+        states = torch.cat([part for row, response in enumerate(responses)
+                            for part in (prompt_last[row:row + 1], hidden[row, :len(response)])])
+        return Forward(sums, lasts, states, owners)
 
-    def _hidden_sums_unshared(self, tokens: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hidden_sums_unshared(self, tokens: list[EncodedPair]) -> Forward:
         """The same sums from two plain causal passes per pair (prompt + response), for checking prompt sharing."""
         device = self.loaded.device
         sequences = [t.prompt_ids + response[:-1] for t in tokens for response in (t.chosen_ids, t.rejected_ids)]
@@ -309,14 +317,17 @@ class Scorer:
         return _gather_sums(hidden, predicting, owners, lasts, 2 * len(tokens))
 
 
-def _gather_sums(hidden: torch.Tensor, predicting: list[int], owners: list[int], lasts: list[int], n_out: int):
-    """float64 sums of the flattened `hidden` rows `predicting` into output rows `owners`, and the rows `lasts`."""
+def _gather_sums(hidden: torch.Tensor, predicting: list[int], owners: list[int], lasts: list[int], n_out: int
+                 ) -> Forward:
+    """float64 sums of the flattened `hidden` rows `predicting` into output rows `owners`, the rows `lasts`,
+    and the predicting rows themselves."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     device = flat.device
-    index = torch.tensor(predicting, device=device)
+    states = flat[torch.tensor(predicting, device=device)]
+    owner_rows = torch.tensor(owners, device=device)
     sums = torch.zeros(n_out, flat.shape[-1], dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor(owners, device=device), flat[index].double())
-    return sums, flat[torch.tensor(lasts, device=device)]
+    sums.index_add_(0, owner_rows, states.double())
+    return Forward(sums, flat[torch.tensor(lasts, device=device)], states, owner_rows)
 
 
 # Config fields that give some layers a local window: Mistral/Qwen2/Gemma `sliding_window`, GPT-Neo `window_size`
@@ -348,10 +359,6 @@ def _block_mask_refusal(model) -> str | None:
     return None
 
 
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
-
-
 def normalized_edit_distance(chosen_ids: list[int], rejected_ids: list[int]) -> float:
     """Token-level Levenshtein distance divided by the longer length (the paper's baseline)."""
     return Levenshtein.distance(chosen_ids, rejected_ids) / max(len(chosen_ids), len(rejected_ids))
@@ -362,5 +369,5 @@ def score_pairs(pairs: Iterable[PreferencePair], model: str | LoadedModel = "def
     scorer = Scorer(model, ScoringConfig(**config))
     frames = list(scorer.score_batches(pairs))
     if not frames:
-        return pd.DataFrame(columns=list(SCORE_COLUMNS))
+        return pd.DataFrame(columns=[*SCORE_COLUMNS, *(entry.obj.name for entry in scorer.plugin_scores)])
     return pd.concat(frames, ignore_index=True).sort_values("row", ignore_index=True)

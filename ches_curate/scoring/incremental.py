@@ -3,7 +3,10 @@
 Only pairs without a score for the model key are scored, and every batch is committed
 in its own short transaction. A run killed at any moment (even `kill -9`) loses at
 most the batch in flight; rerunning scores exactly the rest, and the primary key
-(pair_id, model_key) guarantees one score per pair and model.
+(pair_id, model_key) guarantees one score per pair and model. The plugin scores of each
+batch are stored right after it; those a pair scored before lacks (a score added later, a
+new score version, a batch killed between the two commits) are computed at the end of the
+run, without CHES again (`plugin_scores`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from ches_curate.models import LoadedModel
 from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
+from ches_curate.scoring.plugin_scores import backfill_plugin_scores, write_batch_plugin_scores
 from ches_curate.store import Store
-from ches_curate.tokenization import is_raw, recorded_version, use_chat_template
+from ches_curate.tokenization import describe_tokenization, recorded_version, use_chat_template
 
 COMMIT_EVERY_S = 2.0
 """Scores are committed in one transaction per this many seconds of scoring (and at the end)."""
@@ -48,15 +52,17 @@ class ScoreRunSummary:
     wall_time_s: float
     tokenization_version: str
     """What the scores are recorded under: `2` (through the chat template) or `2-raw` (plain text)."""
+    n_backfilled: int = 0
+    """Pairs scored before that got plugin scores (or score versions) they lacked, without CHES again."""
 
     def describe(self) -> str:
         """One line for the terminal, naming the tokenization the scores were made (and recorded) under."""
         failed = f", {self.n_failed:,} failed (quarantined)" if self.n_failed else ""
-        how = "plain text" if is_raw(self.tokenization_version) else "chat template"
+        backfilled = f", {self.n_backfilled:,} given missing plugin scores" if self.n_backfilled else ""
         return (
             f"run {self.run_id} {self.status}: {self.dataset_name} v{self.dataset_version} with {self.model_key} "
-            f"(tokenization {self.tokenization_version}: {how}): {self.n_scored:,} scored, {self.n_skipped:,} "
-            f"already scored{failed} of {self.n_pairs:,} pairs in {self.wall_time_s:.1f} s"
+            f"({describe_tokenization(self.tokenization_version)}): {self.n_scored:,} scored, {self.n_skipped:,} "
+            f"already scored{failed}{backfilled} of {self.n_pairs:,} pairs in {self.wall_time_s:.1f} s"
         )
 
 
@@ -97,7 +103,7 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
     run_id = store.start_score_run(dv.name, dv.version, scorer.key, params, zenml_run_id, n_skipped=n_skipped,
                                    model_info=scorer.loaded.info)
     failures_before = len(scorer.failures)
-    n_scored, status = 0, "failed"
+    n_scored, n_backfilled, status = 0, 0, "failed"
     try:
         to_score = n_pairs - n_skipped if limit is None else min(limit, n_pairs - n_skipped)
         unscored = store.unscored_pairs(dv.name, dv.version, scorer.key, tokenization)
@@ -106,6 +112,9 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
             frames = track_frames(frames, f"scoring {dv.name} v{dv.version}", total=to_score)
         for batch in _every(frames, COMMIT_EVERY_S):
             n_scored += store.write_scores(run_id, scorer.key, batch, tokenization)
+            write_batch_plugin_scores(store, scorer, batch, tokenization, run_id)
+        if limit is None:
+            n_backfilled = backfill_plugin_scores(store, dv.name, dv.version, scorer, tokenization, run_id)
         status = "finished"
     except Interrupted as stop:
         status = "interrupted"
@@ -123,7 +132,7 @@ def _score_dataset(store: Store, dataset: str, scorer: Scorer, version: int | No
         store.finish_score_run(run_id, status, n_failed=len(failures))
     return ScoreRunSummary(
         run_id, dv.name, dv.version, scorer.key, status, n_pairs, n_scored, n_skipped, len(failures),
-        time.perf_counter() - started, tokenization,
+        time.perf_counter() - started, tokenization, n_backfilled,
     )
 
 

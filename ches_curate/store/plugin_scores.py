@@ -113,18 +113,31 @@ def missing_plugin_scores(store: Store, name: str, version: int, model_key: str,
         ).df()
 
 
-def plugin_score_table(store: Store, name: str, version: int, model_key: str, tokenization_version: str) -> pd.DataFrame:
-    """pair_id and one column per stored score with values for pairs of the version (NULL where failed or missing)."""
+def plugin_score_table(store: Store, name: str, version: int, model_key: str) -> pd.DataFrame:
+    """pair_id and one column per stored score for the pairs of the version (NaN where failed or not computed).
+
+    A model-bound score counts only under the tokenization of the pair's current `scores` row
+    for `model_key`, as in `latest_scores_wide`.
+    """
     with store.connect(read_only=True) as con:
         long = con.execute(
             "SELECT DISTINCT ps.pair_id, ps.score_name, ps.value FROM dataset_pairs dp JOIN plugin_scores ps "
-            "ON ps.pair_id = dp.pair_id AND ((ps.model_key = ? AND ps.tokenization_version = ?) OR ps.model_key = '') "
-            "WHERE dp.name = ? AND dp.version = ?", [model_key, tokenization_version, name, version],
+            "ON ps.pair_id = dp.pair_id LEFT JOIN scores s ON s.pair_id = ps.pair_id AND s.model_key = ps.model_key "
+            "AND s.tokenization_version = ps.tokenization_version WHERE dp.name = ? AND dp.version = ? "
+            "AND (ps.model_key = '' OR (ps.model_key = ? AND s.pair_id IS NOT NULL))", [name, version, model_key],
         ).df()
     if long.empty:
         return pd.DataFrame({"pair_id": pd.Series(dtype=object)})
     wide = long.pivot_table(index="pair_id", columns="score_name", values="value", aggfunc="first", dropna=False)
     return wide.reindex(long.pair_id.unique()).rename_axis(columns=None).reset_index()
+
+
+def with_plugin_scores(store: Store, scores: pd.DataFrame, name: str, version: int, model_key: str) -> pd.DataFrame:
+    """`scores` (a `Store.scores` frame) with a column per stored score, in the same row order."""
+    extra = plugin_score_table(store, name, version, model_key)
+    if len(extra.columns) == 1:
+        return scores
+    return scores.merge(extra, on="pair_id", how="left", validate="many_to_one")
 
 
 def stored_score_names(store: Store) -> list[str]:
