@@ -93,6 +93,11 @@ def recorded_version(tokenizer, chat_template: bool | None = None) -> str:
     return current_version(chat_template_requested(chat_template) and bool(getattr(tokenizer, "chat_template", None)))
 
 
+def describe_tokenization(version: str) -> str:
+    """`tokenization 2: chat template` or `tokenization 2-raw: plain text`, for summary lines."""
+    return f"tokenization {version}: {'plain text' if is_raw(version) else 'chat template'}"
+
+
 def is_raw(version: str) -> bool:
     """Whether scores of `version` were made without the chat template (exported as standard rows)."""
     return version.endswith(RAW_SUFFIX)

@@ -26,6 +26,7 @@ from ches_curate.pairs import SCORE_COLUMNS, PreferencePair
 from ches_curate.scoring.progress import track_frames
 from ches_curate.scoring.config import ScoringConfig
 from ches_curate.scoring.engine import Scorer
+from ches_curate.tokenization import recorded_version
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ScoreFileSummary:
     rejected_path: Path | None
     seconds: float
     summary: dict = field(default_factory=dict)
+    tokenization_version: str = ""
+    """The tokenization the pairs were scored under: `2` (chat template) or `2-raw` (plain text)."""
 
 
 def _split(items, rejected: list[RejectedRow]):
@@ -95,6 +98,7 @@ def score_file(
         rejected_path=rejected_path,
         seconds=time.perf_counter() - started,
         summary=summarize_scores(table),
+        tokenization_version=recorded_version(scorer.loaded.tokenizer, config.chat_template),
     )
 
 

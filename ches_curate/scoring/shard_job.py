@@ -138,10 +138,13 @@ def _write_output(work_dir: Path, n_shards: int, output: Path, rerun: Callable[[
                   say: Callable[[str], None]) -> dict:
     from ches_curate.scoring.file_run import summarize_scores
     from ches_curate.scoring.sharded import read_manifest, write_merged
+    from ches_curate.tokenization import describe_tokenization
 
     table, rejected = write_merged(work_dir, n_shards, output, rerun)
     say(f"wrote {output} from {n_shards} parts in {work_dir}")
     if rejected:
         say(f"rows rejected, with reasons, in {rejected}")
-    return {"summary": summarize_scores(table),
-            "title": f"{len(table)} pairs scored with {read_manifest(work_dir)['model_key']}"}
+    manifest = read_manifest(work_dir)
+    tokenization = manifest.get("tokenization_version")  # absent in the manifests of parts scored before it was kept
+    how = f" ({describe_tokenization(tokenization)})" if tokenization else ""
+    return {"summary": summarize_scores(table), "title": f"{len(table)} pairs scored with {manifest['model_key']}{how}"}
