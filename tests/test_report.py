@@ -88,7 +88,8 @@ def populated_store(path: Path) -> Populated:
     store.finish_score_run(run_id, "finished")
     scores = store.scores("demo", 1, MODEL)
     ids, kept = {}, {}
-    for name, params in (("percentile", {"p": 75}), ("random", {"n": 12, "seed": 1})):
+    # ranked by ches explicitly, whatever the policies' default score: the tests below draw its cut on CHES
+    for name, params in (("percentile", {"p": 75, "score_column": "ches"}), ("random", {"n": 12, "seed": 1})):
         result = apply_policy(scores, name, params)
         ids[name] = store.save_selection(name, result.params, "demo", 1, MODEL, result.frame, result.score_column)
         kept[ids[name]] = result.frame["kept"].to_numpy()
@@ -272,6 +273,9 @@ def test_selection_table_counts_every_selection(demo, demo_html):
     for row, selection_id in zip(rows, (demo.percentile_id, demo.random_id)):
         n_kept = int(demo.kept[selection_id].sum())
         assert row[4:7] == [str(n_kept), str(N_PAIRS - n_kept), f"{(N_PAIRS - n_kept) / N_PAIRS:.1%}"]
+        tokens = (demo.scores.chosen_tokens + demo.scores.rejected_tokens).to_numpy()
+        kept = demo.kept[selection_id]
+        assert row[7] == f"{tokens[kept].mean():.3g} / {tokens[~kept].mean():.3g}"  # response lengths beside the cut
     assert rows[0][1:3] == ["percentile", json.dumps({"p": 75.0, "score_column": "ches"}, sort_keys=True)]
 
 
@@ -398,10 +402,10 @@ def test_histogram_range_leaves_an_outlier_out_and_counts_it():
 
 def test_report_of_a_refreshed_version_shows_the_diff_with_the_previous_selection(demo, tmp_path):
     store = copy_of(demo.store, tmp_path)
-    first = apply_policy(demo.scores, "percentile", {"p": 75})  # the user's (the fixture's is an ablation arm's)
+    first = apply_policy(demo.scores, "percentile", {"p": 75, "score_column": "ches"})  # the user's (the fixture's is an ablation arm's)
     old_id = store.save_selection("percentile", first.params, "demo", 1, MODEL, first.frame, "ches", source="pipeline")
     store.register_dataset("demo", "demo_v2.jsonl", make_pairs()[:20])  # the same pairs are already scored
-    result = apply_policy(store.scores("demo", 2, MODEL), "percentile", {"p": 75})
+    result = apply_policy(store.scores("demo", 2, MODEL), "percentile", {"p": 75, "score_column": "ches"})
     new_id = store.save_selection("percentile", result.params, "demo", 2, MODEL, result.frame, "ches", source="refresh")
     page = Page(build_report(store, "demo", config=ReportConfig(top_pairs=0)))
     before = store.selection(old_id).set_index("pair_id").kept
