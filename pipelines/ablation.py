@@ -21,7 +21,7 @@ from ches_curate.pipelines.sources import installed_source
 
 
 @installed_source
-@pipeline(model=CHES_MODEL, enable_cache=False)
+@pipeline(model=CHES_MODEL)
 def ablation_pipeline(config: PipelineConfig) -> None:
     """Does removing high-CHES pairs reduce likelihood displacement? One `ablations` row per arm answers."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)

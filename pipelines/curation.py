@@ -9,6 +9,7 @@ from typing import Any
 from zenml import Model, pipeline
 
 from ches_curate.pipeline_config import DatasetSpec, PipelineConfig, ScoringSpec
+from ches_curate.pipelines.caching import cache_options
 from ches_curate.pipelines.runner import MODEL_NAME, run_pipeline
 from ches_curate.pipelines.runs import DATASET_PLACEHOLDER, step_output
 from ches_curate.pipelines.sources import installed_source
@@ -28,11 +29,13 @@ CHES_MODEL = Model(
 
 
 def for_dataset(config: PipelineConfig, *steps: Any) -> list[Any]:
-    """`steps` naming their artifacts for the config's dataset (`scores_{dataset}` -> `scores_hh_rlhf_harmless`).
+    """`steps` naming their artifacts for the config's dataset (`scores_{dataset}` -> `scores_hh_rlhf_harmless`),
+    with their cache policies (`caching`: keyed on the store and the files they read).
 
     Set on each step, inside the pipeline function, so that a pipeline called directly names them too.
     """
-    return [s.with_options(substitutions={DATASET_PLACEHOLDER: config.dataset.name}) for s in steps]
+    return [s.with_options(substitutions={DATASET_PLACEHOLDER: config.dataset.name}, **cache_options(config, s.name))
+            for s in steps]
 
 
 def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = None) -> tuple[Any, Any]:
@@ -50,12 +53,11 @@ def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = 
 
 
 @installed_source
-@pipeline(model=CHES_MODEL, enable_cache=False)
+@pipeline(model=CHES_MODEL)
 def curation_pipeline(config: PipelineConfig) -> None:
     """Curate a preference dataset by CHES score; every stage writes to the DuckDB store at `config.store`.
 
-    Caching is off: steps read and write the store, which ZenML cannot see, and
-    scoring is already incremental there.
+    A re-run on unchanged data is served from ZenML's cache (`ches_curate.pipelines.caching`).
     """
     score_run, scores_quality = validated_scores(config, skip_if_passed=False)
     select, export, report = for_dataset(config, select_pairs, export_curated, curation_report)

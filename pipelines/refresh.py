@@ -16,7 +16,7 @@ from ches_curate.pipelines.sources import installed_source
 
 
 @installed_source
-@pipeline(model=CHES_MODEL, enable_cache=False)
+@pipeline(model=CHES_MODEL)
 def refresh_pipeline(config: PipelineConfig) -> None:
     """Bring the curated dataset up to date with its source; the `selection_diff` artifact lists the changes."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)

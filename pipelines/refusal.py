@@ -52,7 +52,7 @@ def ablate_on_held_out(store: str, score_run: dict, scoring: ScoringSpec, polici
 
 
 @installed_source
-@pipeline(model=CHES_MODEL, enable_cache=False)
+@pipeline(model=CHES_MODEL)
 def refusal_pipeline(config: PipelineConfig) -> None:
     """Does keeping the lowest-ln-CHES refusal pairs avoid the loss of refusals that DPO on all of them causes?"""
     generate, ablate = for_dataset(config, generate_refusal_pairs, ablate_on_held_out)

@@ -25,11 +25,15 @@ def installed_source(obj: T) -> T:
     """Record a step or pipeline (apply this decorator outermost) or a materializer class as
     `<its module>:<its name>` of the `ches-curate` distribution."""
     target = getattr(obj, "entrypoint", obj)
+    setattr(target, ZENML_SOURCE_ATTRIBUTE_NAME, package_source(target.__module__, target.__name__))
+    return obj
+
+
+def package_source(module: str, attribute: str) -> DistributionPackageSource:
+    """The ZenML source of `module:attribute` in the `ches-curate` distribution."""
     try:
         version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
         version = None
-    setattr(target, ZENML_SOURCE_ATTRIBUTE_NAME, DistributionPackageSource(
-        module=target.__module__, attribute=target.__name__, package_name=DISTRIBUTION, version=version,
-        type=SourceType.DISTRIBUTION_PACKAGE))  # set explicitly: ZenML serializes only the fields that were set
-    return obj
+    return DistributionPackageSource(module=module, attribute=attribute, package_name=DISTRIBUTION, version=version,
+                                     type=SourceType.DISTRIBUTION_PACKAGE)  # set: ZenML serializes set fields only

@@ -95,6 +95,7 @@ def pipeline_dir(session_tmp, tiny_llama_dir) -> Path:
         "scoring": {"model": str(tiny_llama_dir), "batch_size": 4, "device": "cpu"},
         "policy": {"name": "percentile", "params": {"p": P_CUT}},
         "export": str(directory / "out" / "{dataset}_v{version}.parquet"),
+        "zenml": {"enable_cache": False},  # every step runs: these tests check the store's own incrementality
     }
     (directory / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return directory
