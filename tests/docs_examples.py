@@ -120,15 +120,14 @@ def option_names(command, ctx) -> set[str]:
 def command_problems(rest: str, root) -> list[str]:
     """What is wrong with `ches-curate <rest>`: an unknown command, or an option the command does not have."""
     tokens = [t.strip("[]") for t in words(rest) if t not in PLACEHOLDERS and not t.isupper()]
-    root_ctx = context(root, "ches-curate")
-    command, ctx, name = root, root_ctx, "ches-curate"
+    command, ctx, name = root, context(root, "ches-curate"), "ches-curate"
     problems = []
     for token in tokens:
-        if command is root and token and not token.startswith("-"):
-            if token not in root.commands:
-                return [f"unknown command 'ches-curate {token}'"]
-            command, name = root.commands[token], f"ches-curate {token}"
-            ctx = context(command, token, root_ctx)
+        if hasattr(command, "commands") and token and not token.startswith("-"):
+            if token not in command.commands:
+                return [f"unknown command '{name} {token}'"]
+            command, name = command.commands[token], f"{name} {token}"
+            ctx = context(command, token, ctx)
             continue
         if re.match(r"^--?[A-Za-z]", token):
             for option in token.split("=", 1)[0].split("/"):
@@ -137,11 +136,12 @@ def command_problems(rest: str, root) -> list[str]:
     return problems
 
 
-def all_options(root) -> set[str]:
-    root_ctx = context(root, "ches-curate")
-    names = option_names(root, root_ctx)
-    for command_name, command in root.commands.items():
-        names |= option_names(command, context(command, command_name, root_ctx))
+def all_options(command, ctx=None) -> set[str]:
+    """Every option of `command` and of its subcommands, recursively."""
+    ctx = ctx or context(command, "ches-curate")
+    names = option_names(command, ctx)
+    for name, sub in getattr(command, "commands", {}).items():
+        names |= all_options(sub, context(sub, name, ctx))
     return names
 
 

@@ -96,6 +96,7 @@ def test_command_checks_find_a_wrong_command_and_a_wrong_option():
     assert docs.command_problems("score pairs.jsonl --model default --shards 4", ROOT) == []
     assert docs.command_problems("score pairs.jsonl --modle default", ROOT) == ["'ches-curate score' has no option --modle"]
     assert docs.command_problems("scroe pairs.jsonl", ROOT) == ["unknown command 'ches-curate scroe'"]
+    assert docs.command_problems("scores lst", ROOT) == ["unknown command 'ches-curate scores lst'"]  # a group's
     assert docs.command_lines("torchrun --nproc-per-node 8 --no-python ches-curate score p.jsonl \\\n  --dtype bfloat16 # x") \
         == ["score p.jsonl --dtype bfloat16 # x"]
     assert docs.words("sql \"SELECT 1 -- c\" --format csv | head # note") == ["sql", "SELECT 1 -- c", "--format", "csv"]
@@ -157,14 +158,18 @@ def test_marked_command_blocks_run(block, docs_workdir, tiny_llama_dir, tmp_path
         assert result.exit_code == 0, f"ches-curate {rest}\n{result.output}\n{result.exception!r}"
 
 
+def command_paths(command, path: str = "ches-curate") -> list[str]:
+    return [path, *(p for name, sub in getattr(command, "commands", {}).items() for p in command_paths(sub, f"{path} {name}"))]
+
+
 def test_the_docs_site_builds_strictly_offline(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     cli_page = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
-    for name in ROOT.commands:  # the generated reference has every command
-        assert f'id="ches-curate-{name}"' in cli_page, name
+    for path in command_paths(ROOT):  # the generated reference has every command and subcommand
+        assert f'id="{path.replace(" ", "-")}"' in cli_page, path
     remote = [(page.name, m.group(0)) for page in (tmp_path / "site").rglob("*.html")
               for m in re.finditer(r'<(?:link|script|img)[^>]+(?:href|src)="(?:https?:)?//[^"]+', page.read_text())]
     assert remote == []  # the site loads no font, script or style from the network

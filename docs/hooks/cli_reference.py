@@ -1,7 +1,7 @@
 """MkDocs hook: the command-line reference, generated from the Typer app at build time.
 
 A page containing the line `<!-- cli-reference -->` gets, in its place, one section per
-`ches-curate` command: its help text, usage line, options (with defaults) and worked
+`ches-curate` command and subcommand: its help text, usage line, options (with defaults) and worked
 example, all read from `typer.main.get_command(ches_curate.cli.app)`, so the reference
 cannot drift from the code.
 """
@@ -26,15 +26,19 @@ def cli_reference() -> str:
 
     root = typer.main.get_command(app)
     root_ctx = root.context_class(root, info_name="ches-curate")
-    parts = [_command(root, root_ctx, "ches-curate", level=2)]
-    for name, command in root.commands.items():
-        parts.append(_command(command, command.context_class(command, info_name=name, parent=root_ctx), name, level=2))
-    return "\n\n".join(parts)
+    return "\n\n".join(_commands(root, root_ctx, "ches-curate"))
+
+
+def _commands(command, ctx, path: str) -> list[str]:
+    """The section of `command` and, for a group (`ches-curate scores`), one of each subcommand after it."""
+    parts = [_command(command, ctx, path, level=2)]
+    for name, sub in getattr(command, "commands", {}).items():
+        parts += _commands(sub, sub.context_class(sub, info_name=name, parent=ctx), f"{path} {name}")
+    return parts
 
 
 def _command(command, ctx, name: str, level: int) -> str:
-    title = "ches-curate" if name == "ches-curate" else f"ches-curate {name}"
-    lines = [f"{'#' * level} `{title}`", ""]
+    lines = [f"{'#' * level} `{name}`", ""]
     lines += [_text(command.help or ""), "", "```text", command.get_usage(ctx), "```", ""]
     rows = [record for param in command.get_params(ctx) if (record := param.get_help_record(ctx))]
     if rows:
