@@ -372,6 +372,9 @@ def _field_messages(record: dict[str, Any], key: str) -> list[Message]:
         for part in ("role", "content"):
             if part not in message:
                 raise _RowProblem(f"{key}[{i}].{part}", "is missing")
+        if extra := next((part for part in message if part not in ("role", "content")), None):
+            raise _RowProblem(f"{key}[{i}].{_printable(str(extra))}", "is not kept: a message is scored and stored as "
+                              "role and content only, so remove the key (it would be dropped unseen)")
         # A prompt message may be blank (an empty system message); the caller checks the responses.
         messages.append({part: _check_text(f"{key}[{i}].{part}", message[part], allow_blank=True)
                          for part in ("role", "content")})
@@ -444,7 +447,11 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
                 continue
             raw = line.decode("utf-8", "backslashreplace").rstrip("\r\n")
             try:
-                record = json.loads(text)
+                record = json.loads(text, object_pairs_hook=_unique_keys)
+            except _RepeatedKey as repeated:
+                yield _Row(number, raw, None, _RowProblem(_printable(repeated.key), "is a repeated key in one JSON "
+                                                          "object; remove one of them (which one to keep is not guessed)"))
+                continue
             except json.JSONDecodeError as exc:
                 yield _Row(number, raw, None, _RowProblem(None, f"is malformed JSON ({exc.msg} at column {exc.colno})"))
                 continue
@@ -457,6 +464,24 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
                 yield _Row(number, raw, None, _RowProblem(_printable(too_deep), _TOO_DEEP))
             else:
                 yield _Row(number, raw, record)
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object names a key twice; `json` would keep the last value without a word."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` that refuses a repeated key, as a repeated CSV column is refused."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
 
 
 _TOO_DEEP = f"is JSON nested too deeply (more than {MAX_NESTING} levels of [ and {{)"

@@ -235,6 +235,8 @@ def resolve_model_dir(spec: str) -> tuple[str, Path | str, str | None]:
         return path.name, path.resolve(), None
     if path.exists():
         raise ChesCurateError(f"{path}: expected a model directory, a .gguf file, a hub id or 'default'")
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec:
+        raise ChesCurateError(f"{spec}: no such file or directory (a hub id has the form org/name)")
     return spec, spec, None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -52,6 +53,7 @@ DEFAULT_PLUGINS = {"builtin_policies": "ches_curate.builtin_plugins.builtin_poli
                    "builtin_scores": "ches_curate.builtin_plugins.builtin_scores"}
 """Plugins that ship with ches_curate, by plugin name: registered like any plugin, without entry-point metadata."""
 DISABLED_PLUGINS_ENV = "CHES_CURATE_DISABLED_PLUGINS"
+logger = logging.getLogger(__name__)
 
 _pm: pluggy.PluginManager | None = None
 _registries: dict[str, dict[str, Registered]] = {}
@@ -77,8 +79,11 @@ def plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         pm.add_hookspecs(hookspecs)
-        _load_defaults(pm, disabled_plugins())
-        _load_entry_points(pm, disabled_plugins())
+        disabled = disabled_plugins()
+        known = _load_defaults(pm, disabled) | _load_entry_points(pm, disabled)
+        if unknown := sorted(name for name in disabled if name not in known and _dist_key(name) not in known):
+            logger.warning("%s names no installed plugin: %s (known: %s)", DISABLED_PLUGINS_ENV, ", ".join(unknown),
+                           ", ".join(sorted(known)))
         _pm = pm
     return _pm
 
@@ -138,14 +143,19 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str, check: Callabl
     return dict(sorted(found.items()))
 
 
-def _load_defaults(pm: pluggy.PluginManager, disabled: set[str]) -> None:
+def _load_defaults(pm: pluggy.PluginManager, disabled: set[str]) -> set[str]:
+    """Register the default plugins not `disabled`; returns the names each answers to (plugin and module)."""
     for name, module_name in DEFAULT_PLUGINS.items():
         if name not in disabled and module_name not in disabled:
             _register(pm, call_plugin(name, lambda: importlib.import_module(module_name)), name)
+    return set(DEFAULT_PLUGINS) | set(DEFAULT_PLUGINS.values())
 
 
-def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
+def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> set[str]:
+    """Register the installed entry points not `disabled`; returns the names each answers to (entry point,
+    module, distribution)."""
     seen_dists: set[str] = set()
+    known: set[str] = set()
     disabled_dists = {_dist_key(name) for name in disabled}
     for dist in importlib.metadata.distributions():
         dist_key = _dist_key(dist.metadata["Name"] or "")
@@ -153,11 +163,13 @@ def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
             continue
         seen_dists.add(dist_key)
         for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+            known.update((ep.name, ep.module, dist_key))
             if ep.name in disabled or ep.module in disabled or dist_key in disabled_dists:
                 continue
             module = call_plugin(ep.name, ep.load, hint=f"set {DISABLED_PLUGINS_ENV}={ep.name} to skip it")
             if not pm.is_registered(module):  # a default plugin still declared as an entry point by an old install
                 _register(pm, module, ep.name)
+    return known
 
 
 def _register(pm: pluggy.PluginManager, module: ModuleType, name: str) -> None:

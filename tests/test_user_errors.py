@@ -383,3 +383,45 @@ def test_a_full_disk_writing_the_rejected_rows_names_that_file_and_leaves_neithe
     run = run_cli("score", source, "--model", tiny_llama_dir, "--on-error", "quarantine", "-o", out)
     assert run.code == 1 and run.error.startswith(f"error: cannot write {tmp_path / 's.rejected.jsonl'}: No space left")
     assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+
+
+# --- keys JSON would keep or drop unseen, names nobody installed, paths that do not exist ---------------------------
+
+
+def test_a_json_object_that_repeats_a_key_is_refused_like_a_repeated_csv_column(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(_pair(0) + "\n" + _pair(1)[:-1] + ', "chosen": "the other answer"}\n')
+    error = error_line(run_cli("ingest", source, "--dataset", "d", "--db", tmp_path / "s.duckdb"), 2)
+    assert error == (f"error: {source}:2: field 'chosen' is a repeated key in one JSON object; remove one of them "
+                     "(which one to keep is not guessed) (use --on-error quarantine to keep going)")
+
+
+def test_a_message_key_other_than_role_and_content_is_refused_not_dropped(tmp_path):
+    turn = {"role": "user", "content": "hi", "name": "bob"}
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(json.dumps({"chosen": [turn, {"role": "assistant", "content": "a"}],
+                                  "rejected": [turn, {"role": "assistant", "content": "b"}]}) + "\n")
+    error = error_line(run_cli("ingest", source, "--dataset", "d", "--db", tmp_path / "s.duckdb"), 2)
+    assert error.startswith(f"error: {source}:1: field 'chosen[0].name' is not kept: a message is scored and stored "
+                            "as role and content only"), error
+
+
+@pytest.mark.parametrize("model", ["./models/tiny", "models/llama/tiny", "~/no-such-model", "/no/such/model/"])
+def test_a_path_like_model_that_does_not_exist_is_no_such_file(model, pairs_file, tmp_path, model_loads):
+    error = error_line(run_cli("score", pairs_file, "--model", model, "-o", tmp_path / "s.parquet"), 1)
+    assert error == f"error: {model}: no such file or directory (a hub id has the form org/name)"
+    assert model_loads == []
+
+
+def test_an_unknown_name_in_disabled_plugins_is_warned_about(monkeypatch, caplog):
+    from ches_curate import plugins
+
+    monkeypatch.setenv(plugins.DISABLED_PLUGINS_ENV, "builtin_scores,no_such_plugin")
+    plugins.reset()
+    try:
+        with caplog.at_level("WARNING", logger="ches_curate.plugins"):
+            plugins.plugin_manager()
+    finally:
+        plugins.reset()
+    assert [record.getMessage().split(" (known")[0] for record in caplog.records] == [
+        "CHES_CURATE_DISABLED_PLUGINS names no installed plugin: no_such_plugin"]

@@ -25,6 +25,17 @@ TABLE_ROWS = 200
 """Rows shown by the table format; machine formats write every row."""
 
 
+class _SqlCommand(typer.core.TyperCommand):
+    """`sql`, whose query may begin with a `--` comment: click would take `-- count pairs\nSELECT ...` for an
+    unknown option, so an argument that starts with `--` and then a space or holds a line break goes after a `--`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        queries = [arg for arg in args if arg.startswith("--") and (arg[2:3].isspace() or "\n" in arg)]
+        if queries and "--" not in args:
+            args = [arg for arg in args if arg not in queries] + ["--", *queries]
+        return super().parse_args(ctx, args)
+
+
 def _store(db: Path | None, create: bool = False):
     from ches_curate.store import Store
 
@@ -63,7 +74,7 @@ def register(app: typer.Typer) -> None:
             return
         _print_table(frame.drop(columns="content_hash"), title=None)
 
-    @app.command(context_settings={"ignore_unknown_options": True})  # a query may start with a `--` comment
+    @app.command(cls=_SqlCommand)
     def sql(
         query: str = typer.Argument(..., help="SQL to run against the store (DuckDB dialect)."),
         db: options.Db = None,
