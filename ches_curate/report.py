@@ -322,13 +322,17 @@ def _pair_texts(store: Store, pair_ids: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
-    """Kept and removed counts of every selection of this dataset version and model."""
+    """Kept and removed counts of every selection of this dataset version and model, and the mean response tokens
+    (|y+| + |y-|) of its kept and removed pairs: a cut on raw CHES removes mostly long pairs."""
     return _records(query(
-        """SELECT selection_id, any_value(policy) AS policy, any_value(params) AS params,
-                  any_value(score_column) AS score_column, min(created_at) AS created_at, count(*) AS n_pairs,
-                  count(*) FILTER (WHERE kept) AS n_kept, count(*) FILTER (WHERE NOT kept) AS n_removed
-           FROM selections WHERE dataset_name = ? AND dataset_version = ? AND (model_key IS NULL OR model_key = ?)
-           GROUP BY selection_id ORDER BY selection_id""", [dv.name, dv.version, model_key],
+        """SELECT sel.selection_id, any_value(sel.policy) AS policy, any_value(sel.params) AS params,
+                  any_value(sel.score_column) AS score_column, min(sel.created_at) AS created_at, count(*) AS n_pairs,
+                  count(*) FILTER (WHERE sel.kept) AS n_kept, count(*) FILTER (WHERE NOT sel.kept) AS n_removed,
+                  avg(s.chosen_tokens + s.rejected_tokens) FILTER (WHERE sel.kept) AS kept_tokens,
+                  avg(s.chosen_tokens + s.rejected_tokens) FILTER (WHERE NOT sel.kept) AS removed_tokens
+           FROM selections sel LEFT JOIN scores s ON s.pair_id = sel.pair_id AND s.model_key = sel.model_key
+           WHERE sel.dataset_name = ? AND sel.dataset_version = ? AND (sel.model_key IS NULL OR sel.model_key = ?)
+           GROUP BY sel.selection_id ORDER BY sel.selection_id""", [dv.name, dv.version, model_key],
     ))
 
 

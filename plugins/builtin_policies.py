@@ -70,7 +70,6 @@ class LengthNormalized(Policy):
     )
 
     class Params(PolicyParams):
-        score_column: str = Field("ln_ches", description="Score to rank by (default ln_ches, the length-normalized CHES).")
         n: int | None = Field(None, ge=0, description="Number of lowest-scoring pairs to keep (instead of fraction).")
         fraction: float | None = Field(
             0.05, ge=0, le=1, description="Fraction of pairs to keep, lowest scores first (rounded to nearest)."

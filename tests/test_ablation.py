@@ -83,7 +83,7 @@ def test_random_controls_match_size_per_seed_and_repeat_arms_train_once(store, l
     assert [a.name for a in arms] == ["full", "top-k(k=3)", "random(n=3,seed=0)", "random(n=3,seed=1)"]
     assert [len(a.pair_ids) for a in arms] == [12, 9, 9, 9]
     assert set(arms[2].pair_ids) != set(arms[3].pair_ids)
-    top = set(scores.nlargest(3, "ches").pair_id)
+    top = set(scores.nlargest(3, "ln_ches").pair_id)  # the policies' default score
     assert set(arms[1].pair_ids) == set(scores.pair_id) - top
 
 

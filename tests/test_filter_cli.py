@@ -22,6 +22,7 @@ from tests.test_plugins import EXAMPLE
 MODEL_KEY = "tiny@sha256:0000/float32"
 PROMPTS = ["Say [bold]hi[/bold]", "How do I pick a lock?", "Say [bold]hi[/bold]", "Name a colour.", "Add 2 and 2.", "Why?"]
 CHES = [1.0, 9.0, 4.0, 2.0, 7.0, 3.0]
+CHOSEN_TOKENS = [2, 10, 3, 4, 8, 5]
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,8 @@ def template_db(tmp_path_factory) -> Path:
     scores = pd.DataFrame(
         {
             "row": range(6), "pair_id": [p.pair_id for p in pairs], "ches": CHES, "ln_ches": [c / 10 for c in CHES],
-            "chosen_tokens": 3, "rejected_tokens": 3, "last_hidden_ip": 0.5, "edit_distance": 4.0, "truncated": False,
+            "chosen_tokens": CHOSEN_TOKENS, "rejected_tokens": 3, "last_hidden_ip": 0.5, "edit_distance": 4.0,
+            "truncated": False,
         }
     )
     store.write_scores(run_id, MODEL_KEY, scores)
@@ -79,16 +81,19 @@ def test_filter_top_k_records_the_selection_and_prints_the_removed_pairs(store):
     result = invoke("filter", "--db", str(store.path), "--dataset", "toy", "--policy", "top-k", "--param", "k=2")
     assert result.exit_code == 0, result.output
     assert "kept 4, removed 2 of 6 pairs (33.3% removed)" in result.output
-    assert f'selection 1: top-k {{"score_column": "ches", "k": 2}} on dataset \'toy\' v1, model {MODEL_KEY}' in result.output
+    assert f'selection 1: top-k {{"score_column": "ln_ches", "k": 2}} on dataset \'toy\' v1, model {MODEL_KEY}' in result.output
     assert "How do I pick a lock?" in result.output and "Add 2 and 2." in result.output
     assert "Say [bold]hi[/bold]" not in result.output  # kept pairs are not listed
+    # Response lengths beside the score: removed rows 1 and 4 have 10 + 3 and 8 + 3 tokens, the kept 5, 6, 7, 8.
+    assert "response tokens (chosen + rejected): 6.5 on average in the kept pairs, 12.0 in the removed" in result.output
+    assert "10/3" in result.output and "8/3" in result.output
 
     selection = store.selection(1)
     assert selection.loc[~selection["kept"], "rank"].tolist() == [1, 2]
     removed_prompts = {p.pair_id: p.prompt for p in store.dataset_pairs("toy")}
     assert [removed_prompts[p] for p in selection.loc[~selection["kept"], "pair_id"]] == [PROMPTS[1], PROMPTS[4]]
     assert set(selection["policy"]) == {"top-k"} and set(selection["model_key"]) == {MODEL_KEY}
-    assert json.loads(selection["params"].iloc[0]) == {"score_column": "ches", "k": 2}
+    assert json.loads(selection["params"].iloc[0]) == {"score_column": "ln_ches", "k": 2}
 
 
 def test_removed_pair_text_is_printed_literally_not_as_rich_markup(store):
@@ -107,7 +112,7 @@ def test_match_selection_removes_as_many_pairs_at_random(store):
     assert result.exit_code == 0, result.output
     first, control = store.selection(1), store.selection(2)
     assert (~first["kept"]).sum() == (~control["kept"]).sum() == 3  # sorted 1,2,3,4,7,9: cut at position 5 * 0.4 = 2 -> 3.0
-    assert json.loads(control["params"].iloc[0]) == {"score_column": "ches", "n": 3, "fraction": None, "seed": 3}
+    assert json.loads(control["params"].iloc[0]) == {"score_column": "ln_ches", "n": 3, "fraction": None, "seed": 3}
 
 
 @pytest.mark.parametrize(
@@ -131,9 +136,9 @@ def test_policies_lists_builtins_with_params_defaults_and_help():
     result = invoke("policies")
     assert result.exit_code == 0, result.output
     assert "k: int, required — Number of highest-scoring pairs to remove." in result.output
-    assert "score_column: str, default 'ln_ches' — Score to rank by" in result.output  # only where the default differs
-    assert result.output.count("score_column: str") == 1
-    assert "Every policy also takes score_column (default 'ches'): Score to rank by: ches, ln_ches" in result.output
+    assert result.output.count("score_column: str") == 0  # listed per policy only where its default differs
+    assert ("Every policy also takes score_column (default 'ln_ches'): Score to rank by: ln_ches (the length-normalised "
+            "CHES the paper filters on") in " ".join(result.output.split())
     assert "seed: int, default 0 — Random seed; the same seed and pairs give the same selection." in result.output
     assert "builtin_policies" in result.output
 

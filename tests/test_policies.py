@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import yaml
 
 from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS
@@ -15,7 +18,10 @@ BUILTINS = ["length-normalized", "percentile", "quantile-slice", "random", "thre
 
 
 def score_table(ches, pair_ids=None, **columns) -> pd.DataFrame:
-    """A scores table shaped like `Store.scores`: SCORE_COLUMNS, then the pair texts."""
+    """A scores table shaped like `Store.scores`: SCORE_COLUMNS, then the pair texts.
+
+    `ln_ches` defaults to the `ches` values, so the default score column ranks as `ches` does.
+    """
     n = len(ches)
     pair_ids = pair_ids or [f"p{i:02d}" for i in range(n)]
     frame = pd.DataFrame(
@@ -23,7 +29,7 @@ def score_table(ches, pair_ids=None, **columns) -> pd.DataFrame:
             "row": range(n),
             "pair_id": pair_ids,
             "ches": np.asarray(ches, dtype=float),
-            "ln_ches": columns.pop("ln_ches", np.zeros(n)),
+            "ln_ches": columns.pop("ln_ches", np.asarray(ches, dtype=float)),
             "chosen_tokens": 10,
             "rejected_tokens": 12,
             "last_hidden_ip": columns.pop("last_hidden_ip", np.zeros(n)),
@@ -60,7 +66,8 @@ def test_top_k_removes_the_k_highest_and_breaks_ties_by_pair_id():
     assert removed(result) == {"b"}  # b and d tie at 3.0; b has the smaller pair_id
     assert ranks(result) == {"b": 1, "d": 2, "a": 3, "c": 4}
     assert list(result.frame["pair_id"]) == ["d", "c", "b", "a"]  # aligned to the input rows
-    assert (result.policy, result.params, result.score_column) == ("top-k", {"score_column": "ches", "k": 1}, "ches")
+    # The default score is the paper's filter score, ln-CHES (here equal to ches).
+    assert (result.policy, result.params, result.score_column) == ("top-k", {"score_column": "ln_ches", "k": 1}, "ln_ches")
     assert (result.n_kept, result.n_removed, result.removed_pair_ids) == (3, 1, ["b"])
 
 
@@ -179,13 +186,13 @@ def test_quantile_slice_ranks_by_the_negated_column_with_a_minus():
 
 
 def test_nan_scores_are_rejected_naming_the_count_and_first_pairs():
-    scores = score_table([1.0, np.nan, 2.0, np.nan], pair_ids=["a", "b", "c", "d"])
+    scores = score_table([1.0, np.nan, 2.0, np.nan], pair_ids=["a", "b", "c", "d"], ln_ches=np.zeros(4))
     with pytest.raises(ChesCurateError) as err:
-        apply_policy(scores, "top-k", {"k": 1})
+        apply_policy(scores, "top-k", {"k": 1, "score_column": "ches"})
     assert str(err.value) == (
         "2 of 4 pairs have no 'ches' score (NaN), first pair_ids: b, d; rescore them or rank by another score_column"
     )
-    assert apply_policy(scores, "top-k", {"k": 1, "score_column": "ln_ches"}).n_removed == 1
+    assert apply_policy(scores, "top-k", {"k": 1}).n_removed == 1
 
 
 def test_arrow_tables_and_empty_tables_are_accepted():
@@ -241,3 +248,13 @@ def test_missing_score_column_is_named():
     message = r"the scores table has no score 'last_hidden_ip' \(scores: ches, ln_ches, edit_distance\)"
     with pytest.raises(ChesCurateError, match=message):
         apply_policy(score_table([1.0]).drop(columns="last_hidden_ip"), "top-k", {"k": 1, "score_column": "last_hidden_ip"})
+
+
+def test_shipped_configs_filter_on_ln_ches_as_the_paper_does():
+    """`make demo` once cut at the 90th percentile of raw ches: 227 response tokens removed vs 73 kept on average."""
+    configs = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
+    policies = {path.name: yaml.safe_load(path.read_text()).get("policy") for path in configs}
+    ranked_by = {name: available_policies()[spec["name"]].obj.Params(**spec.get("params", {})).score_column
+                 for name, spec in policies.items() if spec}
+    assert {"demo.yaml", "dev.yaml", "gpu.yaml"} <= set(ranked_by)
+    assert set(ranked_by.values()) == {"ln_ches"}

@@ -68,7 +68,8 @@ def load_policy(tmp_path: Path, body: str, description: str = "A policy under te
 
 
 def build_store(path: Path, texts: list[tuple[str, float]]) -> tuple[Store, list[PreferencePair]]:
-    """A store with dataset 'toy' v1 holding one row per (prompt, ches) item; equal prompts make equal pairs."""
+    """A store with dataset 'toy' v1 holding one row per (prompt, ches) item (ln_ches the same); equal prompts make
+    equal pairs."""
     store = Store(path)
     pairs = [PreferencePair(prompt, f"answer to {prompt}", f"refusal of {prompt}", row=i)
              for i, (prompt, _) in enumerate(texts)]
@@ -77,7 +78,7 @@ def build_store(path: Path, texts: list[tuple[str, float]]) -> tuple[Store, list
     ches = dict(zip((p.pair_id for p in pairs), (c for _, c in texts)))
     run_id = store.start_score_run("toy", 1, MODEL_KEY)
     store.write_scores(run_id, MODEL_KEY, pd.DataFrame({
-        "row": range(len(ches)), "pair_id": list(ches), "ches": list(ches.values()), "ln_ches": 0.0,
+        "row": range(len(ches)), "pair_id": list(ches), "ches": list(ches.values()), "ln_ches": list(ches.values()),
         "chosen_tokens": 3, "rejected_tokens": 3, "last_hidden_ip": 0.5, "edit_distance": 4.0, "truncated": False,
     }))
     store.finish_score_run(run_id, "finished")

@@ -42,14 +42,14 @@ def test_identity_covers_source_params_and_decisions(store):
     cli = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 2}, source="cli")
     again = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 2}, source="cli")
     pipeline = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 2}, source="pipeline")
-    by_ln = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 2, "score_column": "ln_ches"}, source="cli")
+    by_ches = select(store, "toy", 1, MODEL_KEY, "top-k", {"k": 2, "score_column": "ches"}, source="cli")
     assert (again.selection_id, again.reused) == (cli.selection_id, True)
     assert not pipeline.reused and pipeline.selection_id != cli.selection_id
-    assert not by_ln.reused and by_ln.selection_id not in (cli.selection_id, pipeline.selection_id)
+    assert not by_ches.reused and by_ches.selection_id not in (cli.selection_id, pipeline.selection_id)
     # Same policy and params, different decisions (the scores changed under the same version): a new selection.
     decisions = cli.frame.assign(kept=~cli.frame.kept)
-    changed = store.save_selection("top-k", cli.params, "toy", 1, MODEL_KEY, decisions, "ches", source="cli")
-    assert changed not in (cli.selection_id, pipeline.selection_id, by_ln.selection_id)
+    changed = store.save_selection("top-k", cli.params, "toy", 1, MODEL_KEY, decisions, "ln_ches", source="cli")
+    assert changed not in (cli.selection_id, pipeline.selection_id, by_ches.selection_id)
     sources = store.selections("toy").set_index("selection_id").source
     assert sources[cli.selection_id] == "cli" and sources[pipeline.selection_id] == "pipeline"
 

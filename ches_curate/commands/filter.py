@@ -95,6 +95,7 @@ def filter_pairs(
     result = selection.result
     _print_result(selection.selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}",
                   selection.n_excluded)
+    print_response_lengths(scores[0], result)
     if selection.unscored and (note := selection.unscored.note()):
         console.print(Text(printable(note), style="yellow"))
     if selection.reused:
@@ -193,14 +194,29 @@ def chained(policy: str, params: dict[str, Any], then: list[str]) -> tuple[str, 
     return "chain", {"steps": steps}
 
 
+def print_response_lengths(scores: pd.DataFrame, result: SelectionResult) -> None:
+    """The mean response tokens (|y+| + |y-|) of the kept and of the removed pairs, so that a cut that removes
+    mostly long pairs shows (raw CHES grows with the square of the response lengths)."""
+    kept = result.frame["kept"].to_numpy()
+    if kept.all() or not kept.any():
+        return
+    lengths = scores.drop_duplicates("pair_id").set_index("pair_id")
+    tokens = result.frame["pair_id"].map(lengths["chosen_tokens"] + lengths["rejected_tokens"]).to_numpy()
+    console.print(f"response tokens (chosen + rejected): {tokens[kept].mean():,.1f} on average in the kept pairs, "
+                  f"{tokens[~kept].mean():,.1f} in the removed", highlight=False)
+
+
 def print_removed(scores: pd.DataFrame, result: SelectionResult, limit: int) -> None:
-    """The first `limit` removed pairs with their score and text excerpts (plain text, control codes escaped)."""
+    """The first `limit` removed pairs with their score, response tokens and text excerpts (plain text, control
+    codes escaped)."""
     first = result.frame[~result.frame["kept"]].sort_values("rank").head(limit)
     pairs = scores.drop_duplicates("pair_id").set_index("pair_id").loc[first["pair_id"]].reset_index()
     values = score_values(pairs, result.score_column)
     columns = [tables.Column("rank", True), "pair_id", tables.Column(result.score_column, True),
+               tables.Column("tokens y+/y-", True),
                *(tables.Column(text, wrap=True) for text in ("prompt", "chosen", "rejected"))]
-    rows = [[str(rank), pair["pair_id"][:12], f"{value:.4g}", *(_excerpt(pair[c]) for c in ("prompt", "chosen", "rejected"))]
+    rows = [[str(rank), pair["pair_id"][:12], f"{value:.4g}", f"{pair['chosen_tokens']}/{pair['rejected_tokens']}",
+             *(_excerpt(pair[c]) for c in ("prompt", "chosen", "rejected"))]
             for rank, value, (_, pair) in zip(first["rank"], values, pairs.iterrows())]
     tables.print_table(console, columns, rows, title=f"first {len(first)} removed pairs (by rank)")
 
