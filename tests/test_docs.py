@@ -69,7 +69,7 @@ def static_problems(path: Path) -> list[str]:
     for _, span in docs.inline_code(path):
         problems += [p for rest in docs.command_lines(span) for p in docs.command_problems(rest, ROOT)]
         head, *tail = span.split() or [""]
-        if head.startswith("--") and not set(head.split("=")[0].split("/")) <= options:
+        if head.startswith("--") and not set(head.split("=")[0].split("/")) <= options | set(docs.FOREIGN_OPTIONS):
             problems.append(f"no command has the option {head}")
         if head in ROOT.commands and tail and tail[0].startswith("-"):
             problems += docs.command_problems(span, ROOT)
@@ -102,6 +102,8 @@ def test_command_checks_find_a_wrong_command_and_a_wrong_option():
     assert docs.words("sql \"SELECT 1 -- c\" --format csv | head # note") == ["sql", "SELECT 1 -- c", "--format", "csv"]
     assert docs.dotted_problem("ches_curate.scoring.sharded.shard_of") is None
     assert docs.dotted_problem("ches_curate.sharding") == "ches_curate.sharding: ches_curate has no 'sharding'"
+    assert docs.import_problems("from steps.data import load\nfrom ches_curate.incremental import score_dataset") == [
+        "ches_curate.incremental.score_dataset: ches_curate has no 'incremental'"]  # the reader's own `steps` is not ours
 
 
 @pytest.fixture(scope="module")
