@@ -347,7 +347,8 @@ def _block_mask_refusal(model) -> str | None:
     layer_types = set(getattr(config, "layer_types", None) or ())
     if layer_types - {"full_attention"}:
         return f"has {', '.join(sorted(layer_types - {'full_attention'}))} layers, which a block mask cannot express"
-    windows = {name: value for name in _WINDOW_FIELDS if isinstance(value := getattr(config, name, None), int)}
+    windows = {name: value for name in _WINDOW_FIELDS
+               if isinstance(value := getattr(config, name, None), int) and not isinstance(value, bool)}
     if windows and not layer_types:
         return f"has windowed attention ({', '.join(f'{k}={v}' for k, v in windows.items())}), " \
                "which a block mask cannot express"
