@@ -70,7 +70,7 @@ def main() -> None:
         model = args.model
         if args.tiny:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from tests.tiny_models import build_tiny_model
+            from ches_curate.testing.tiny_models import build_tiny_model
 
             model = str(build_tiny_model(Path(tmp) / "tiny", arch="llama"))
             args.max_length = args.max_length or 512

@@ -33,7 +33,7 @@ os.environ.pop("CHES_CURATE_DB", None)
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import build_tiny_model  # noqa: E402
+from ches_curate.testing.tiny_models import build_tiny_model  # noqa: E402
 
 SHARED_HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf_harmless_1500.jsonl"
 

@@ -1,6 +1,6 @@
 """Every attention variant the engine accepts scores as two plain float64 batch-1 passes, or is refused with a reason.
 
-Tiny random models of each family (tests/tiny_models.py): full attention with GQA (Llama),
+Tiny random models of each family (ches_curate/testing/tiny_models.py): full attention with GQA (Llama),
 absolute positions (GPT-2), a parallel block (GPT-NeoX), ALiBi from the mask (BLOOM) and from
 column indices (MPT), one 4-token sliding window on every layer (Mistral), windows on the
 upper layers (Qwen2 `max_window_layers`) and alternating sliding/full layers (Gemma-2, Gemma-3).
@@ -15,7 +15,7 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.models import load_model
 from ches_curate.scoring import Scorer, ScoringConfig, score_pairs
 from tests.test_ches import PAIRS, PROMPT_FEEDS, assert_matches_reference, make_pairs, reference_scores
-from tests.tiny_models import build_tiny_model
+from ches_curate.testing.tiny_models import build_tiny_model
 
 FULL_ATTENTION = ("llama", "gpt2", "gpt_neox")
 NO_BLOCK_MASK = ("bloom", "mpt", "mistral", "qwen2", "gemma2", "gemma3")

@@ -213,15 +213,15 @@ def test_a_policy_failing_in_select_is_named_with_its_plugin(tmp_path, select, p
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("x = 1\n", "module '{module}' has no @hookimpl functions (known hooks: judge_responses, register_filter_policies)"),
+        ("x = 1\n", "module '{module}' has no @hookimpl functions (known hooks: judge_responses, register_filter_policies, register_scores)"),
         (
             "from ches_curate.hookspecs import hookimpl\n@hookimpl\ndef register_filter_policy(register):\n    pass\n",
-            "unknown hook 'register_filter_policy' (known hooks: judge_responses, register_filter_policies)",
+            "unknown hook 'register_filter_policy' (known hooks: judge_responses, register_filter_policies, register_scores)",
         ),
         (
             "from ches_curate.hookspecs import hookimpl\n@hookimpl\ndef register_filter_policies(reg):\n    pass\n",
             "hookimpl definition: register_filter_policies(reg); Argument(s) {{'reg'}} are declared in the hookimpl "
-            "but can not be found in the hookspec (known hooks: judge_responses, register_filter_policies)",
+            "but can not be found in the hookspec (known hooks: judge_responses, register_filter_policies, register_scores)",
         ),
     ],
 )

@@ -14,7 +14,7 @@ from ches_curate.errors import ChesCurateError
 from ches_curate.pairs import SCORE_COLUMNS
 from ches_curate.policies import apply_policy, available_policies
 
-BUILTINS = ["length-normalized", "percentile", "quantile-slice", "random", "threshold", "top-k"]
+BUILTINS = ["chain", "length-normalized", "percentile", "quantile-slice", "random", "threshold", "top-k"]
 
 
 def score_table(ches, pair_ids=None, **columns) -> pd.DataFrame:

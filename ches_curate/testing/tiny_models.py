@@ -1,4 +1,7 @@
-"""Tiny random causal LMs with a real (small) BPE tokenizer, built offline from a config."""
+"""Tiny random causal LMs with a real (small) BPE tokenizer, built offline from a config.
+
+ches_curate's own tests use them, and plugin authors get them through `ches_curate.testing.tiny_model`.
+"""
 
 from __future__ import annotations
 

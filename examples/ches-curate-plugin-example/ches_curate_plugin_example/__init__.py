@@ -1,8 +1,12 @@
-"""Example ches-curate plugin: `per-prompt-cap` keeps at most N pairs per prompt.
+"""Example ches-curate plugin: a policy, `per-prompt-cap`, and a score, `length_ratio`.
 
 Datasets often hold many pairs for one prompt; a DPO step then pulls hard on that
-prompt. This policy keeps the N lowest-scoring pairs of each prompt and removes the
+prompt. The policy keeps the N lowest-scoring pairs of each prompt and removes the
 rest, highest score first.
+
+Preference labels often favour the longer response; DPO then learns length. The score
+`length_ratio` is |y+| / |y-| in tokens as scored, so a selection can cap it
+(`--then 'threshold value=2 score_column=length_ratio'`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pydantic import Field
 
 from ches_curate import hookimpl
 from ches_curate.policies import Policy, PolicyParams, SelectionResult, removal_order
+from ches_curate.scores import Score, ScoreBatch
 
 
 class PerPromptCap(Policy):
@@ -37,6 +42,21 @@ def _prompt_key(prompt: str | list) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+class LengthRatio(Score):
+    name = "length_ratio"
+    version = "1"
+    description = "|y+| / |y-|: the chosen response's length over the rejected one's, in tokens as scored."
+    needs = frozenset({"tokens"})
+
+    def compute(self, batch: ScoreBatch) -> list[float]:
+        return [len(t.chosen_ids) / len(t.rejected_ids) for t in batch.tokens]
+
+
 @hookimpl
 def register_filter_policies(register):
     register(PerPromptCap())
+
+
+@hookimpl
+def register_scores(register):
+    register(LengthRatio())
