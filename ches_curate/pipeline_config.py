@@ -64,11 +64,14 @@ class ScoringSpec(_Section):
     max_length: int | None = Field(_SCORING.max_length, ge=2, description="Cap on prompt + response tokens.")
     device: str = Field(_SCORING.device, description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(_SCORING.dtype, description="Weights dtype.")
+    scores: list[str] | None = Field(None, description="Registered scores to compute beside CHES in the same pass "
+                                     "(`ches-curate scores list`; [all] for every one); default: the default ones.")
 
     def scoring_config(self) -> ScoringConfig:
         """The engine's `ScoringConfig`; a pair that cannot be scored is quarantined, not fatal, in a pipeline."""
         return ScoringConfig(max_batch_tokens=self.max_batch_tokens, batch_size=self.batch_size,
-                             max_length=self.max_length, device=self.device, dtype=self.dtype, on_error="quarantine")
+                             max_length=self.max_length, device=self.device, dtype=self.dtype, on_error="quarantine",
+                             scores=tuple(self.scores) if self.scores is not None else None)
 
 
 class PolicySpec(_Section):

@@ -174,3 +174,21 @@ def test_filter_chains_ln_ches_and_an_imported_score_as_one_selection_equal_to_p
         {"policy": "percentile", "params": {"score_column": "ln_ches", "p": 75.0}},
         {"policy": "threshold", "params": {"score_column": "-reward_margin", "value": -1.0}},
     ]
+
+
+def test_refresh_reproduces_a_chained_selection_from_its_recorded_steps(scored, tmp_path):
+    from ches_curate.pipeline_config import PolicySpec
+    from ches_curate.refresh import matching_selections, reselect
+    from ches_curate.selection import select
+
+    ids = list(dict.fromkeys(pair_ids(scored)))
+    import_scores(scored, write_jsonl(tmp_path / "m.jsonl", [{"pair_id": p, "value": float(i)}
+                                                             for i, p in enumerate(ids)]), "reward_margin")
+    steps = [{"policy": "top-k", "params": {"k": "1", "score_column": "ln_ches"}},
+             {"policy": "threshold", "params": {"value": "-1", "score_column": "-reward_margin"}}]
+    made = select(scored, "d", 1, MODEL_KEY, "chain", {"steps": steps}, source="cli")
+    spec = PolicySpec(name="chain", params=json.loads(scored.selections().params.iloc[0]))
+    again, diff = reselect(scored, "d", 1, MODEL_KEY, spec)
+    assert again.kept_pair_ids == made.kept_pair_ids and len(diff.changes) == 0
+    assert set(matching_selections(scored, "d", MODEL_KEY, spec).selection_id) == {made.selection_id,
+                                                                                   again.selection_id}
