@@ -13,6 +13,7 @@ from zenml.utils import source_utils
 
 from ches_curate.pipeline_config import PipelineConfig
 from ches_curate.pipelines import caching
+from ches_curate.pipelines.curation import curation_outcome
 from ches_curate.store import Store
 from tests import test_pipelines
 from tests.test_pipelines import toy_records, write_jsonl
@@ -59,6 +60,7 @@ def test_an_unchanged_rerun_is_cached_and_a_replaced_store_runs_again(zenml_repo
     assert {name: statuses(again)[name] for name in CACHED} == {name: ExecutionStatus.CACHED for name in CACHED}
     assert statuses(again)["export_curated"] == ExecutionStatus.COMPLETED  # writes a file: never cached
     assert Store(tmp_path / "cached.duckdb").sql("SELECT count(*) AS n FROM score_runs").n.iloc[0] == 1
+    assert curation_outcome(again)["selection"] == curation_outcome(first)["selection"]  # what the CLI prints
 
     os.remove(tmp_path / "cached.duckdb")
     rebuilt = run_pipeline("curation", loaded)
