@@ -143,8 +143,10 @@ def _nothing_scored(source: str | Path, rejected: list[RejectedRow], failures: l
         what = f"field '{first.field}' {first.reason}" if first.field else first.reason
     else:
         where, what = f"row {failures[0]['row']}: ", failures[0]["reason"]
-    return ChesCurateError(f"{source}: no pairs to score: all {len(rejected) + len(failures):,} rows were rejected "
-                           f"(first: {where}{what}); nothing was written. Fix the file (or check --format) and rerun")
+    count = len(rejected) + len(failures)
+    which = "its only row was" if count == 1 else f"all {count:,} rows were"
+    return ChesCurateError(f"{source}: no pairs to score: {which} rejected (first: {where}{what}); nothing was "
+                           "written. Fix the file (or check --format) and rerun")
 
 
 def _write_outputs(output: Path, table: pa.Table, rejected: list[RejectedRow], failures: list[dict]) -> Path | None:
