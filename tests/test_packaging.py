@@ -183,8 +183,8 @@ def test_in_a_user_project_the_cli_and_a_user_pipeline_run_and_zenml_loads_every
               "scoring": {"model": str(tiny_llama_dir), "batch_size": 4, "device": "cpu"},
               "policy": {"name": "percentile", "params": {"p": P_CUT}}, "export": "out/{dataset}_v{version}.parquet"}
     (project / "configs" / "small.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    user = in_project(project, env, "run_user_pipeline.py", "configs/small.yaml", "user_pairs.jsonl",
-                      str(tiny_llama_dir))
+    user = in_project(project, dict(env, ZENML_LOGGING_VERBOSITY="INFO"), "run_user_pipeline.py",
+                      "configs/small.yaml", "user_pairs.jsonl", str(tiny_llama_dir))  # INFO: as a user's project logs
     assert user.returncode == 0, user.stdout[-3000:] + user.stderr[-5000:]
     assert "zenml login --local" in user.stdout and "make dashboard" not in user.stdout  # the CLI's summary
     assert (project / "store.duckdb").exists() and (project / "out" / "toy_v1.parquet").exists()
