@@ -31,7 +31,8 @@ from ches_curate.pipeline_config import PipelineConfig, find_config
 from tests.test_pipelines import REPO, pair_id, toy_records, write_jsonl
 
 PACKAGED = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "ches_curate", "pipelines", "plugins")
-INSTALLED_AS = {"ches_curate": "ches_curate", "pipelines": "ches_curate/pipelines", "plugins": "ches_curate/builtin_plugins"}
+INSTALLED_AS = {"ches_curate": "ches_curate", "pipelines": "ches_curate/pipelines",
+                "plugins": "ches_curate/builtin_plugins"}
 P_CUT = 75
 N_PAIRS = 10
 
