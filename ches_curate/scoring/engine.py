@@ -69,6 +69,12 @@ class Scorer:
 
     def __init__(self, model: str | LoadedModel = "default", config: ScoringConfig | None = None):
         self.config = config or ScoringConfig()
+        self.column_scores = [get_score(name) for name in COLUMN_SCORES]
+        self.plugin_scores = selected_scores(self.config.scores, exclude=COLUMN_SCORES)
+        """The registered scores computed beside the `scores` columns, from the same pass (`ScoringConfig.scores`);
+        an unknown name is refused before the model loads."""
+        self.score_failures: list[ScoreFailure] = []
+        """Pairs a plugin score failed on (the pair is scored; that score's value is NaN)."""
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
@@ -85,11 +91,13 @@ class Scorer:
         self.max_batch_tokens = self.config.max_batch_tokens or DEFAULT_BATCH_TOKENS.get(device_type, 4096)
         self.mode = self._pick_mode()
         """`block`, `cache` or `unshared`: how prompts are fed (see the module docstring)."""
-        self.column_scores = [get_score(name) for name in COLUMN_SCORES]
-        self.plugin_scores = selected_scores(self.config.scores, exclude=COLUMN_SCORES)
-        """The registered scores computed beside the `scores` columns, from the same pass (`ScoringConfig.scores`)."""
-        self.score_failures: list[ScoreFailure] = []
-        """Pairs a plugin score failed on (the pair is scored; that score's value is NaN)."""
+        if self.wants_logprobs:
+            check_logprobs_supported(self.loaded.model, self.key)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether a score of this scorer needs the response log-probs (the LM head at the predicting positions)."""
+        return any("logprobs" in entry.obj.needs for entry in self.plugin_scores)
 
     def score_batches(self, pairs: Iterable[PreferencePair], total: int | None = None) -> Iterator[pd.DataFrame]:
         """Yield one score frame (columns `SCORE_COLUMNS`, then one per plugin score) per forward batch, streaming
@@ -170,10 +178,7 @@ class Scorer:
         tokens = [e.tokens for e in batch]
         forward = {"block": self._hidden_sums_block, "cache": self._hidden_sums_cached,
                    "unshared": self._hidden_sums_unshared}[self.mode](tokens)
-        wants_logprobs = any("logprobs" in entry.obj.needs for entry in self.plugin_scores)
-        if wants_logprobs:
-            check_logprobs_supported(self.loaded.model, self.key)
-        logprobs = response_logprobs(self.loaded.model, tokens, forward) if wants_logprobs else None
+        logprobs = response_logprobs(self.loaded.model, tokens, forward) if self.wants_logprobs else None
         inputs = batch_inputs(batch, forward, logprobs, self.key, self.loaded.device)
         frame, unscorable, failures = score_frame(inputs, self.column_scores, self.plugin_scores)
         for i, reason in unscorable.items():
