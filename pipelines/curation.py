@@ -83,7 +83,8 @@ def run_demo(store: str | Path = "ches_curate.duckdb", limit: int | None = 120, 
 
 def curation_outcome(run: Any) -> dict[str, Any]:
     """What a finished curation or refresh run produced: its id, store, dataset version, score run, selection,
-    curated file and (curation) report file."""
+    curated file, (curation) report file, and the steps served from ZenML's cache (their outputs are those of
+    the run that computed them)."""
     def output(step: str, stem: str) -> Any:
         return step_output(run, step, stem).load()
 
@@ -98,4 +99,5 @@ def curation_outcome(run: Any) -> dict[str, Any]:
         "curated_path": output("export_curated", "curated_path"),
         "report_path": run.run_metadata.get("report", {}).get("report_path"),
         "model_version": run.model_version.name if run.model_version else None,
+        "cached_steps": [name for name, step in run.steps.items() if str(step.status.value) == "cached"],
     }

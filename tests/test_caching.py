@@ -61,6 +61,7 @@ def test_an_unchanged_rerun_is_cached_and_a_replaced_store_runs_again(zenml_repo
     assert statuses(again)["export_curated"] == ExecutionStatus.COMPLETED  # writes a file: never cached
     assert Store(tmp_path / "cached.duckdb").sql("SELECT count(*) AS n FROM score_runs").n.iloc[0] == 1
     assert curation_outcome(again)["selection"] == curation_outcome(first)["selection"]  # what the CLI prints
+    assert (curation_outcome(first)["cached_steps"], curation_outcome(again)["cached_steps"]) == ([], list(CACHED))
 
     os.remove(tmp_path / "cached.duckdb")
     rebuilt = run_pipeline("curation", loaded)

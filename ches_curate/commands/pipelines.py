@@ -94,6 +94,9 @@ def show_curation(run_response: Any) -> None:
     version, scored, selection = outcome["dataset_version"], outcome["score_run"], outcome["selection"]
     console.print(f"[bold]{escape(outcome['run_name'])}[/] {outcome['status']} (ZenML run id {outcome['run_id']}, "
                   f"model ches_curate version {outcome['model_version']})", highlight=False)
+    if outcome["cached_steps"]:
+        console.print(f"from ZenML's cache (the numbers of the run that computed them): "
+                      f"{', '.join(outcome['cached_steps'])}", highlight=False)
     state = "new version" if version["created"] else "unchanged"
     console.print(f"dataset [bold]{escape(version['name'])}[/] v{version['version']} ({state}): "
                   f"{version['n_pairs']:,} pairs, {version['n_quarantined']:,} quarantined at ingest", highlight=False)
