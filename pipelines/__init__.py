@@ -1,6 +1,6 @@
 """ZenML pipelines over the `ches_curate` library: `curation`, `ablation`, `refresh` and `refusal`.
 
-Installed as `ches_curate.pipelines` from the repository's top-level `pipelines/` folder (README, Layout).
+Installed as `ches_curate.pipelines` from the repository's top-level `pipelines/` folder (docs/reference/layout.md).
 Steps (`steps.py`) are thin wrappers; every decision lives in `ches_curate`. Run them
 with `ches-curate run NAME --config dev` (a shipped config by name, or a YAML file), or from
 Python with `run_pipeline`. Importing this package does not import ZenML (the CLI stays fast).

@@ -4,7 +4,7 @@ ZenML records where each step, pipeline and materializer comes from (its *source
 it again from there to run it. For a file below the source root (the folder holding `.zen`) it
 records the file's path as the module: in a checkout, `pipelines/steps.py` would become
 `pipelines.steps`, the name a user's own `pipelines` package shadows, because the top-level
-`pipelines/` folder installs as `ches_curate.pipelines` (README, Layout). `installed_source`
+`pipelines/` folder installs as `ches_curate.pipelines` (docs/reference/layout.md). `installed_source`
 records the import name instead, as a source of the `ches-curate` distribution: what ZenML
 records from an installed wheel anyway, so a checkout and a wheel record the same sources.
 """

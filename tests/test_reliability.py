@@ -4,7 +4,7 @@ Every bad input either ends in the store / score table or its quarantine with a 
 fails with one `error:` line naming the file, line (or row) and field; no traceback, no
 silent drop. Faults (`kill -9`, a locked store, a model that produces NaN/inf, a full disk)
 end cleanly and a rerun gives exactly what a clean run gives. The last test prints the
-tally that README.md's Reliability section reports.
+tally that docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -631,7 +631,7 @@ def test_quality_never_runs_a_tokenizers_code_even_if_the_terminal_says_yes(remo
 
 
 def test_tally_inputs_tried_faults_injected_and_no_row_lost(capsys):
-    """Runs last: what the tests above measured, for README.md's Reliability section."""
+    """Runs last: what the tests above measured, for docs/reliability.md."""
     expected_inputs = 4 * len(BAD_INPUTS) + 1
     if len(TALLY.inputs) < expected_inputs:
         pytest.skip("only part of the module ran; the tally needs all of it")

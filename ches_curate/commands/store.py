@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
             "past it a read-only query fails (it never spills to disk)."
         ),
     ) -> None:
-        """Run SQL over the store. Tables and views are documented in the README.
+        """Run SQL over the store; its tables and views are documented in docs/reference/schema.md.
 
         Without --write the query runs in DuckDB's read-only sandbox: it can read the store and
         nothing else (no other files or URLs, no temp files, no COPY, ATTACH, INSTALL/LOAD, SET or

@@ -62,7 +62,7 @@ BUILTIN_CHECKS: dict[str, tuple[Severity, str]] = {
     **{f"{c}_quantiles_drift": ("warn", f"percentiles of '{c}' should stay within drift_band stds of the previous "
                                         "version") for c in DRIFT_COLUMNS},
 }
-"""Every built-in expectation by name: its default severity and what it requires (README, "Data quality")."""
+"""Every built-in expectation by name: its default severity and what it requires (docs/quality.md)."""
 
 SQL_ONLY_EXPECTATIONS = frozenset(
     {"unexpected_rows_expectation", "expect_query_results_to_match_comparison",

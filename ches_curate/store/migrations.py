@@ -3,7 +3,7 @@
 Each migration runs once, in its own transaction, together with the row it adds to
 `schema_version`; a database at version N gets migrations N+1.. on its next open.
 Never edit a released migration: append a new one. Column names are public API
-(users write SQL against them), documented table by table in README.md.
+(users write SQL against them), documented table by table in docs/reference/schema.md.
 """
 
 from __future__ import annotations
