@@ -80,6 +80,7 @@ def build_report(
         top_pairs = _top_pairs(query, dv, model_key, selection_id, config)
         removed_pairs = _removed_pairs(query, dv, model_key, selection_id, config)
         selections = _selections(query, dv, model_key)
+        plugin_stats = _plugin_score_stats(query, dv, model_key)
         quality = report_quality.quality_section(query, dv, model_key)
         quarantine = report_quality.quarantine_section(query, dv)
         arms, per_pair = report_ablation.ablation_rows(query, dv, model_key)
@@ -89,7 +90,7 @@ def build_report(
     return _template().render(
         dataset=dv, model_key=model_key, selection=selection, n_scored=len(scores),
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
-        score_stats=_score_stats(scores), score_plots=score_plots, guide=reading_guide(selection, score_plots["cuts"]),
+        score_stats=_score_stats(scores) + plugin_stats, score_plots=score_plots, guide=reading_guide(selection, score_plots["cuts"]),
         top_pairs=top_pairs,
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
         ablation=report_ablation.ablation_section(arms, per_pair, slices), removed_pairs=removed_pairs,
@@ -324,7 +325,7 @@ def _pair_texts(store: Store, pair_ids: list[str]) -> dict[str, dict[str, str]]:
 def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
     """Kept and removed counts of every selection of this dataset version and model, and the mean response tokens
     (|y+| + |y-|) of its kept and removed pairs: a cut on raw CHES removes mostly long pairs."""
-    return _records(query(
+    records = _records(query(
         """SELECT sel.selection_id, any_value(sel.policy) AS policy, any_value(sel.params) AS params,
                   any_value(sel.score_column) AS score_column, min(sel.created_at) AS created_at, count(*) AS n_pairs,
                   count(*) FILTER (WHERE sel.kept) AS n_kept, count(*) FILTER (WHERE NOT sel.kept) AS n_removed,
@@ -334,6 +335,29 @@ def _selections(query: Query, dv: DatasetVersion, model_key: str | None) -> list
            WHERE sel.dataset_name = ? AND sel.dataset_version = ? AND (sel.model_key IS NULL OR sel.model_key = ?)
            GROUP BY sel.selection_id ORDER BY sel.selection_id""", [dv.name, dv.version, model_key],
     ))
+    for record in records:
+        record["steps"] = chain_steps(record["params"]) if record["policy"] == "chain" else None
+    return records
+
+
+def chain_steps(params: Any) -> str:
+    """A chained selection's steps on one line: `percentile(p=90, score_column=ln_ches) → threshold(...)`."""
+    steps = (json.loads(params) if isinstance(params, str) else params or {}).get("steps", [])
+    return " → ".join(f"{step['policy']}({', '.join(f'{k}={v}' for k, v in step['params'].items())})" for step in steps)
+
+
+def _plugin_score_stats(query: Query, dv: DatasetVersion, model_key: str | None) -> list[dict[str, Any]]:
+    """`plugin_score_summary` rows of this version (the model's scores, and those independent of any model), in the
+    shape of `_score_stats`; a score's failed pairs are named beside it."""
+    frame = query(
+        """SELECT score_name, score_version, n_scored, n_failed, value_mean, value_min, value_p05, value_p50,
+                  value_p95, value_max FROM plugin_score_summary
+           WHERE dataset_name = ? AND dataset_version = ? AND model_key IN (?, '') AND n_scored > 0
+           ORDER BY score_name""", [dv.name, dv.version, model_key or ""],
+    )
+    return [{"column": f"{r.score_name} (v{r.score_version}" + (f", {r.n_failed:,} failed)" if r.n_failed else ")"),
+             "n": r.n_scored, "mean": r.value_mean, "min": r.value_min, "p5": r.value_p05, "p50": r.value_p50,
+             "p95": r.value_p95, "max": r.value_max} for r in frame.itertuples()]
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from ches_curate.cli import app
 from ches_curate.errors import ChesCurateError
 from ches_curate.models import file_sha256
+from ches_curate.report import build_report
 from ches_curate.scores.imports import import_scores
 from ches_curate.store import Store
 from tests.test_plugins import fresh_plugins  # noqa: F401  (autouse: each test gets its own plugin manager)
@@ -174,6 +175,9 @@ def test_filter_chains_ln_ches_and_an_imported_score_as_one_selection_equal_to_p
         {"policy": "percentile", "params": {"score_column": "ln_ches", "p": 75.0}},
         {"policy": "threshold", "params": {"score_column": "-reward_margin", "value": -1.0}},
     ]
+    html = build_report(scored, "d")
+    assert "percentile(p=75.0, score_column=ln_ches) → threshold(score_column=-reward_margin, value=-1.0)" in html
+    assert "reward_margin (vimport-1, 1 failed)" in html
 
 
 def test_refresh_reproduces_a_chained_selection_from_its_recorded_steps(scored, tmp_path):
@@ -192,3 +196,4 @@ def test_refresh_reproduces_a_chained_selection_from_its_recorded_steps(scored, 
     assert again.kept_pair_ids == made.kept_pair_ids and len(diff.changes) == 0
     assert set(matching_selections(scored, "d", MODEL_KEY, spec).selection_id) == {made.selection_id,
                                                                                    again.selection_id}
+
