@@ -84,6 +84,20 @@ def inline_code(path: Path) -> list[tuple[int, str]]:
             for match in INLINE.finditer(text)]
 
 
+def heading_anchors(path: Path) -> set[str]:
+    """The anchors MkDocs gives the headings of `path` (python-markdown's toc slugs of the heading text)."""
+    from markdown.extensions.toc import slugify
+
+    in_fence, anchors = False, set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and (heading := re.match(r"^#{1,6}\s+(.*?)\s*$", line)):
+            text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading[1]).replace("`", "")
+            anchors.add(slugify(text, "-"))
+    return anchors
+
+
 def command_lines(code: str) -> list[str]:
     """Each `ches-curate ...` invocation in shell text (continuation lines joined): the words after `ches-curate`."""
     joined = re.sub(r"\s*\\\n\s*", " ", code)

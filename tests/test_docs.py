@@ -7,7 +7,9 @@
   admonition only have their imports checked);
 - every `ches-curate` command names a real command and only options it has, in code blocks,
   inline code and the `--help` examples; blocks after `<!-- docs-test: run -->` are run;
-- every `ches_curate.…` dotted name in inline code imports.
+- every `ches_curate.…` dotted name in inline code imports;
+- the README's relative links reach a file and, with `#anchor`, one of its headings (the strict build
+  checks the pages' own links).
 """
 
 from __future__ import annotations
@@ -32,14 +34,7 @@ README = REPO / "README.md"
 PAGES = sorted(p for p in (REPO / "docs").rglob("*.md"))
 ROOT = typer.main.get_command(app)
 
-README_PROBLEMS_LEFT_FOR_PHASE_2 = {
-    # The README still holds these until its long sections are replaced by links to the docs (issue 27,
-    # phase 2); the docs pages name the real modules. Empty this set when the README is cut.
-    "ches_curate.incremental.score_dataset: ches_curate has no 'incremental'",
-    "ches_curate.sharding: ches_curate has no 'sharding'",
-    "ches_curate.distributed: ches_curate has no 'distributed'",
-}
-
+MARKDOWN = [README, *PAGES]
 DOC_PAIRS = [
     {"prompt": f"How do I water plant number {i}?", "chosen": f"Water plant {i} once a week, in the morning.",
      "rejected": "Never water it." if i % 3 else f"Water plant {i} every hour."}
@@ -77,13 +72,24 @@ def static_problems(path: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("path", PAGES, ids=page_id)
+@pytest.mark.parametrize("path", MARKDOWN, ids=page_id)
 def test_docs_name_only_real_commands_options_and_imports(path):
     assert static_problems(path) == []
 
 
-def test_readme_problems_are_only_those_left_for_phase_2():
-    assert set(static_problems(README)) == README_PROBLEMS_LEFT_FOR_PHASE_2
+LINK = re.compile(r"\]\((?!https?:|#)([^)#\s]+)(?:#([^)\s]*))?\)")
+
+
+def test_readme_links_reach_files_and_headings():
+    """The README is read on GitHub and PyPI, outside the strict site build: its links are checked here."""
+    broken = []
+    for target, anchor in LINK.findall(README.read_text(encoding="utf-8")):
+        path = REPO / target
+        if not path.exists():
+            broken.append(target)
+        elif anchor and anchor not in docs.heading_anchors(path):
+            broken.append(f"{target}#{anchor}")
+    assert broken == []
 
 
 def test_help_examples_name_only_real_commands_and_options():
@@ -129,7 +135,7 @@ def fresh_copy(base: Path, tmp_path: Path, keep_store: bool = True) -> Path:
     return work
 
 
-PYTHON_PAGES = [p for p in PAGES if any(
+PYTHON_PAGES = [p for p in MARKDOWN if any(
     b.lang == "python" and b.skip_reason is None for b in docs.blocks(p))]
 
 
@@ -144,12 +150,12 @@ def test_python_examples_run(path, docs_workdir, tiny_llama_dir, tmp_path, monke
 
 
 def test_skipped_examples_say_why():
-    skipped = [b for p in [README, *PAGES] for b in docs.blocks(p) if b.skip_reason]
+    skipped = [b for p in MARKDOWN for b in docs.blocks(p) if b.skip_reason]
     assert skipped, "the pipelines page has examples that need minutes of ZenML; they must be marked"
     assert all(len(b.skip_reason.split()) >= 4 for b in skipped)
 
 
-RUN_BLOCKS = [b for p in PAGES for b in docs.blocks(p) if b.run]
+RUN_BLOCKS = [b for p in MARKDOWN for b in docs.blocks(p) if b.run]
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.where)
