@@ -90,7 +90,8 @@ def build_report(
     return _template().render(
         dataset=dv, model_key=model_key, selection=selection, n_scored=len(scores),
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), package_version=__version__,
-        score_stats=_score_stats(scores) + plugin_stats, score_plots=score_plots, guide=reading_guide(selection, score_plots["cuts"]),
+        score_stats=_score_stats(scores) + plugin_stats, score_plots=score_plots,
+        guide=reading_guide(selection, score_plots["cuts"]),
         top_pairs=top_pairs,
         top_n=config.top_pairs, selections=selections, quality=quality, quarantine=quarantine,
         ablation=report_ablation.ablation_section(arms, per_pair, slices), removed_pairs=removed_pairs,

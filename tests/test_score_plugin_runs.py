@@ -80,8 +80,8 @@ def test_a_plugin_file_adds_scores_that_are_stored_queried_and_filtered_on(datas
     store, _ = dataset
     runner = CliRunner()
     db = ["--db", str(store.path)]
-    scored = runner.invoke(app, ["score", "--dataset", "d", "--model", str(tiny_llama_dir), "--plugin", str(plugin_file),
-                                 *db])
+    scored = runner.invoke(app, ["score", "--dataset", "d", "--model", str(tiny_llama_dir),
+                                 "--plugin", str(plugin_file), *db])
     assert scored.exit_code == 0, scored.output
     wide = store.sql('SELECT "row", ches, length_ratio, token_gap FROM latest_scores_wide ORDER BY "row"')
     ratios = [len(r["chosen"]) / len(r["rejected"]) for r in ROWS]
@@ -154,12 +154,14 @@ def test_a_score_added_later_is_computed_without_running_ches_again(dataset, plu
 
     gap = available_scores()["token_gap"].obj
     monkeypatch.setattr(type(gap), "version", "2")  # a new version re-scores that score only
-    before = store.sql("SELECT score_name, computed_at FROM plugin_scores WHERE score_name = 'length_ratio'")
+    ratios = "SELECT score_name, computed_at FROM plugin_scores WHERE score_name = 'length_ratio'"
+    before = store.sql(ratios)
     scorer = Scorer(loaded)
     calls.clear()  # the new scorer's one-pair probe of the block mask
     assert score_dataset(store, "d", scorer, progress=False).n_backfilled == 4 and calls == []
-    assert set(store.sql("SELECT score_version FROM plugin_scores WHERE score_name = 'token_gap'").score_version) == {"2"}
-    assert store.sql("SELECT score_name, computed_at FROM plugin_scores WHERE score_name = 'length_ratio'").equals(before)
+    versions = store.sql("SELECT score_version FROM plugin_scores WHERE score_name = 'token_gap'").score_version
+    assert set(versions) == {"2"}
+    assert store.sql(ratios).equals(before)
 
     with_logprobs = Scorer(loaded, ScoringConfig(scores=("logp_margin",)))
     calls.clear()

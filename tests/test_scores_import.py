@@ -27,7 +27,8 @@ def scored(tmp_path) -> Store:
     """A store with dataset 'd' v1 of six rows (row 2 repeats row 0's pair), scored by MODEL_KEY."""
     store = Store(tmp_path / "s.duckdb")
     base = make_pairs(5)
-    store.register_dataset("d", None, iter([replace(p, row=i) for i, p in enumerate([base[0], base[1], base[0], *base[2:]])]))
+    rows = [base[0], base[1], base[0], *base[2:]]
+    store.register_dataset("d", None, iter([replace(p, row=i) for i, p in enumerate(rows)]))
     run_id = store.start_score_run("d", 1, MODEL_KEY)
     store.write_scores(run_id, MODEL_KEY, fake_scores(base))
     return store

@@ -1,4 +1,4 @@
-"""`ches-curate scores list` and `ches-curate scores import`: the registered scores, and external values into the store."""
+"""`ches-curate scores list` and `scores import`: the registered scores; values computed elsewhere into the store."""
 
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def compute_score(entry: plugins.Registered, batch: ScoreBatch) -> ScoreValues:
             shown = repr(float(value)) if isinstance(value, (int, float, np.number)) else repr(value)
             reasons[i] = f"returned {shown}, not a finite number"
     values = np.array([np.nan if i in reasons else float(v) for i, v in enumerate(values)], dtype=np.float64)
-    failures = [ScoreFailure(batch.pair_ids[i], score.name, entry.plugin, reason) for i, reason in sorted(reasons.items())]
+    failures = [ScoreFailure(batch.pair_ids[i], score.name, entry.plugin, reason)
+                for i, reason in sorted(reasons.items())]
     return ScoreValues(score.name, score.version, entry.plugin, values, failures)
 
 

@@ -1,4 +1,4 @@
-"""`ches-curate scores import`: externally computed per-pair values (a reward model's margins, judge labels) into the store.
+"""`ches-curate scores import`: per-pair values computed elsewhere (reward margins, judge labels) into the store.
 
 Each line (JSONL, CSV) or row (Parquet) holds a key and a value. The key is the pair's
 `pair_id`, or its `row` in a dataset version (`--dataset`). Every problem is reported
@@ -12,7 +12,6 @@ a known pair is stored as that pair's failure for this score, and the others go 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -107,7 +106,8 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | Non
         for number, record in enumerate(pd.read_parquet(path).to_dict("records"), 1):
             yield number, record, None
     else:
-        raise InputError(str(path), None, None, f"has an unsupported type '{suffix}'", "expected .jsonl, .csv or .parquet")
+        raise InputError(str(path), None, None, f"has an unsupported type '{suffix}'",
+                         "expected .jsonl, .csv or .parquet")
 
 
 def _csv_value(text: str | None) -> Any:

@@ -20,7 +20,9 @@ from ches_curate.scores.compute import compute_scores
 from ches_curate.scores.spec import ScoreBatch, model_bound, needs_forward
 from ches_curate.scoring.engine import Scorer
 from ches_curate.store import Store
-from ches_curate.store.plugin_scores import INDEPENDENT, ROW_COLUMNS, definition, missing_plugin_scores, write_plugin_scores
+from ches_curate.store.plugin_scores import (
+    INDEPENDENT, ROW_COLUMNS, definition, missing_plugin_scores, write_plugin_scores,
+)
 from ches_curate.tokenization import TruncationError, encode_pair
 
 CHUNK_PAIRS = 256

@@ -49,7 +49,8 @@ def score_table(pairs: Sequence[PreferencePair], **scores: Sequence[float]) -> p
     per keyword (`ches=[...]`, `reward_margin=[...]`); unnamed built-in scores are 0, token counts are word counts."""
     frame = pd.DataFrame({
         "row": [p.row for p in pairs], "pair_id": [p.pair_id for p in pairs],
-        "chosen_tokens": [len(p.chosen.split()) for p in pairs], "rejected_tokens": [len(p.rejected.split()) for p in pairs],
+        "chosen_tokens": [len(p.chosen.split()) for p in pairs],
+        "rejected_tokens": [len(p.rejected.split()) for p in pairs],
         "truncated": False,
     })
     for column in ("ches", "ln_ches", "last_hidden_ip", "edit_distance"):
