@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
         """Compute CHES, ln-CHES and the paper's baselines for every pair.
 
         File mode writes one row per input pair: row, pair_id, ches, ln_ches, chosen_tokens,
-        rejected_tokens, last_hidden_ip, edit_distance, truncated. Dataset mode scores only the
+        rejected_tokens, last_hidden_ip, edit_distance, truncated, then one column per plugin score
+        (--scores; `ches-curate scores list`), all from one forward pass. Dataset mode scores only the
         pairs of a stored dataset that have no score for this model yet, committing every batch.
         With --shards (or under torchrun) each shard is scored into its own part file and the
         parts are merged into the same table; a crashed shard is re-run alone with --rank.
