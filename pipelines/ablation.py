@@ -16,12 +16,12 @@ from zenml import pipeline
 from ches_curate.pipeline_config import PipelineConfig
 from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
 from ches_curate.pipelines.runs import step_output
-from ches_curate.pipelines.steps import ablate
+from ches_curate.pipelines.steps import ablate, mark_process
 from ches_curate.pipelines.sources import installed_source
 
 
 @installed_source
-@pipeline(model=CHES_MODEL)
+@pipeline(model=CHES_MODEL, on_start=mark_process)
 def ablation_pipeline(config: PipelineConfig) -> None:
     """Does removing high-CHES pairs reduce likelihood displacement? One `ablations` row per arm answers."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)

@@ -14,7 +14,8 @@ from ches_curate.pipelines.runner import MODEL_NAME, run_pipeline
 from ches_curate.pipelines.runs import DATASET_PLACEHOLDER, step_output
 from ches_curate.pipelines.sources import installed_source
 from ches_curate.pipelines.steps import (
-    curation_report, export_curated, ingest_dataset, score_pairs, select_pairs, validate_pairs, validate_scores,
+    curation_report, export_curated, ingest_dataset, mark_process, score_pairs, select_pairs, validate_pairs,
+    validate_scores,
 )
 
 SAMPLE = Path(str(resources.files("ches_curate") / "data" / "hh_rlhf_harmless_sample.jsonl"))
@@ -53,7 +54,7 @@ def validated_scores(config: PipelineConfig, skip_if_passed: bool, after: Any = 
 
 
 @installed_source
-@pipeline(model=CHES_MODEL)
+@pipeline(model=CHES_MODEL, on_start=mark_process)
 def curation_pipeline(config: PipelineConfig) -> None:
     """Curate a preference dataset by CHES score; every stage writes to the DuckDB store at `config.store`.
 

@@ -11,12 +11,12 @@ from zenml import pipeline
 
 from ches_curate.pipeline_config import PipelineConfig
 from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
-from ches_curate.pipelines.steps import export_curated, reselect_pairs
+from ches_curate.pipelines.steps import export_curated, mark_process, reselect_pairs
 from ches_curate.pipelines.sources import installed_source
 
 
 @installed_source
-@pipeline(model=CHES_MODEL)
+@pipeline(model=CHES_MODEL, on_start=mark_process)
 def refresh_pipeline(config: PipelineConfig) -> None:
     """Bring the curated dataset up to date with its source; the `selection_diff` artifact lists the changes."""
     score_run, scores_quality = validated_scores(config, skip_if_passed=True)

@@ -20,7 +20,7 @@ from ches_curate.pipeline_config import AblationSpec, PipelineConfig, PolicySpec
 from ches_curate.store import Store
 from ches_curate.pipelines.curation import CHES_MODEL, for_dataset, validated_scores
 from ches_curate.pipelines.runs import step_output
-from ches_curate.pipelines.steps import dataset_step, named, record
+from ches_curate.pipelines.steps import dataset_step, mark_process, named, record
 from ches_curate.pipelines.sources import installed_source
 
 
@@ -52,7 +52,7 @@ def ablate_on_held_out(store: str, score_run: dict, scoring: ScoringSpec, polici
 
 
 @installed_source
-@pipeline(model=CHES_MODEL)
+@pipeline(model=CHES_MODEL, on_start=mark_process)
 def refusal_pipeline(config: PipelineConfig) -> None:
     """Does keeping the lowest-ln-CHES refusal pairs avoid the loss of refusals that DPO on all of them causes?"""
     generate, ablate = for_dataset(config, generate_refusal_pairs, ablate_on_held_out)

@@ -10,6 +10,7 @@ import ZenML.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,8 @@ DATASET_PLACEHOLDER = "dataset"
 """The substitution the pipelines set to the config's dataset name; artifact names use it."""
 DEFAULT_DATASET = "pairs"
 """Its value where a pipeline sets none (a user's pipeline calling the library's steps): `scores_pairs`."""
+PROCESS = "process"
+"""The run metadata entry naming the process that runs the steps (`mark_process`): host, pid, start time."""
 STAGES = ("generation", "ingest", "pairs_quality", "scoring", "scores_quality", "selection", "export", "report", "ablation")
 """The run metadata entries the steps log, in pipeline order."""
 
@@ -91,12 +94,36 @@ def summarize(run: Any) -> RunSummary:
     ingest = metadata.get("ingest", {})
     return RunSummary(
         name=run.name, run_id=str(run.id), pipeline=run.pipeline.name.removesuffix("_pipeline") if run.pipeline else "",
-        status=str(run.status.value), start_time=run.start_time,
+        status=run_status(str(run.status.value), metadata.get(PROCESS)), start_time=run.start_time,
         dataset=ingest.get("name"), dataset_version=ingest.get("version"),
         selection_id=metadata.get("selection", {}).get("selection_id"),
         report_path=metadata.get("report", {}).get("report_path"),
         curated_path=metadata.get("export", {}).get("curated_path"), metadata=metadata,
     )
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """This process (or `pid`) as a run records it: the host, the pid and the process's start time, which tells a
+    later process with the same pid from it."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return {"host": socket.gethostname(), "pid": process.pid, "started": process.create_time()}
+
+
+def run_status(status: str, process: dict[str, Any] | None) -> str:
+    """ZenML's status of a run, or `dead` for a run ZenML still calls running (or initializing) whose process on
+    this host is gone (killed with -9, or the machine lost power): ZenML's local orchestrator has no heartbeat, so
+    such a run would otherwise stay `running` for ever. A run on another host keeps ZenML's status."""
+    if status not in ("running", "initializing") or not process or process.get("host") != socket.gethostname():
+        return status
+    import psutil
+
+    try:
+        alive = abs(process_identity(int(process["pid"]))["started"] - float(process["started"])) < 1.0
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        alive = False
+    return status if alive else "dead"
 
 
 def find_run(name_or_id: str) -> Any:

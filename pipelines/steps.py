@@ -28,7 +28,9 @@ from ches_curate.selection import select
 from ches_curate.pipeline_config import AblationSpec, DatasetSpec, PolicySpec, ScoringSpec
 from ches_curate.store import Store, default_path
 from ches_curate.pipelines.materializers import DatasetMaterializer
-from ches_curate.pipelines.runs import DATASET_PLACEHOLDER, DEFAULT_DATASET, artifact_template, dataset_tags
+from ches_curate.pipelines.runs import (
+    DATASET_PLACEHOLDER, DEFAULT_DATASET, PROCESS, artifact_template, dataset_tags, process_identity,
+)
 from ches_curate.pipelines.sources import installed_source
 
 
@@ -60,6 +62,14 @@ def record(stage: str, metadata: dict[str, Any], dataset: str | None = None, ver
         resources.append(RunMetadataResource(id=context.model_version.id, type=MetadataResourceTypes.MODEL_VERSION))
     Client().create_run_metadata(metadata={stage: metadata}, resources=resources, publisher_step_id=context.step_run.id)
 
+
+
+@installed_source
+def mark_process() -> None:
+    """The pipelines' start hook (each step's): record on the run which process runs it (`process_identity`), so
+    `ches-curate runs` can tell a run whose process was killed from one still running (`runs.run_status`)."""
+    run = RunMetadataResource(id=get_step_context().pipeline_run.id, type=MetadataResourceTypes.PIPELINE_RUN)
+    Client().create_run_metadata(metadata={PROCESS: process_identity()}, resources=[run])
 
 @installed_source
 @dataset_step

@@ -195,7 +195,7 @@ def test_curation_run_records_named_artifacts_metadata_and_model(curation_runs, 
 
     scores = output(first, "score_pairs", "scores")
     assert len(scores) == N_FIRST and set(scores.pair_id) == {pair_id(r) for r in toy_records(0, N_FIRST)}
-    kept_ids = set(scores.pair_id[scores.ches <= np.percentile(scores.ches, P_CUT)])
+    kept_ids = set(scores.pair_id[scores.ln_ches <= np.percentile(scores.ln_ches, P_CUT)])  # the default score
     selection = output(first, "select_pairs", "selection")
     assert set(selection.pair_id[selection.kept]) == kept_ids
     assert len(kept_ids) == 9
@@ -253,7 +253,7 @@ def test_refresh_scores_only_new_pairs_and_records_the_selection_diff(refresh_ru
 
     before = output(second, "select_pairs", "selection").set_index("pair_id").kept
     scores = output(refresh_run, "score_pairs", "scores")
-    after = pd.Series(scores.ches.to_numpy() <= np.percentile(scores.ches, P_CUT), index=scores.pair_id)
+    after = pd.Series(scores.ln_ches.to_numpy() <= np.percentile(scores.ln_ches, P_CUT), index=scores.pair_id)
     diff = output(refresh_run, "reselect_pairs", "selection_diff").set_index("pair_id").change
     expected = {p: "added" for p in after.index.difference(before.index)}
     expected |= {p: "removed" for p in before.index.difference(after.index)}
@@ -325,6 +325,7 @@ def test_runs_lists_recent_runs_and_shows_one_with_metadata_and_artifact_ids(cur
     assert f"report: {report}" in shown.output and "toy v1" in shown.output
     assert str(step_output(first, "score_pairs", "scores").id) in shown.output and "scores_toy" in shown.output
     assert "kept_fraction" in shown.output
+    assert first.run_metadata["process"]["pid"] == os.getpid()  # the start hook named the process running the steps
     missing = CliRunner().invoke(cli(), ["runs", "no-such-run"])
     assert isinstance(missing.exception, ChesCurateError) and "no-such-run" in str(missing.exception)
 
@@ -337,7 +338,7 @@ def test_ablation_run_writes_one_row_per_arm(ablation_run, refresh_run, pipeline
     assert store.sql("SELECT n_scored FROM score_runs WHERE zenml_run_id = ?", params=[str(run.id)]).n_scored.iloc[0] == 0
 
     scores = output(refresh_run, "score_pairs", "scores")
-    n_kept = int((scores.ches <= np.percentile(scores.ches, P_CUT)).sum())
+    n_kept = int((scores.ln_ches <= np.percentile(scores.ln_ches, P_CUT)).sum())
     rows = store.sql("SELECT arm, policy, n_train_pairs, refusal_rate_before, train_loss FROM ablations ORDER BY arm")
     expected_arms = ["full", f"percentile(p={P_CUT})", f"random(n={len(scores) - n_kept},seed=0)"]
     assert rows.arm.tolist() == expected_arms
@@ -359,7 +360,7 @@ def test_a_failing_step_is_one_error_line_naming_the_run_and_step(curation_runs,
     assert isinstance(result.exception, ChesCurateError)
     message = str(result.exception)
     assert message.startswith("the curation pipeline failed: run curation_pipeline-")
-    assert f"step score_pairs: could not load model '{pipeline_dir / 'no_such_model'}'" in message
+    assert f"step score_pairs: {pipeline_dir / 'no_such_model'}: no such file or directory" in message
 
 
 def test_refresh_of_unchanged_version_reuses_its_selection_and_validates_once(tmp_path, tiny_llama_dir):

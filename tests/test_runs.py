@@ -139,3 +139,30 @@ def test_runs_has_an_example_in_its_help():
 
     [command] = [c for c in app.registered_commands if c.name == "runs"]
     assert command.epilog == f"Example: {EXAMPLES['runs']}" and EXAMPLES["runs"].startswith("ches-curate runs ")
+
+
+def test_a_running_run_whose_process_is_gone_is_dead_and_others_keep_their_status():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        recorded = runs.process_identity(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert runs.run_status("running", recorded) == "dead"  # killed with -9: ZenML would say running for ever
+    assert runs.run_status("initializing", recorded) == "dead"
+    assert runs.run_status("failed", recorded) == "failed"
+    me = runs.process_identity()
+    assert runs.run_status("running", me) == "running"
+    assert runs.run_status("running", {**me, "started": me["started"] - 3600}) == "dead"  # the pid was reused
+    assert runs.run_status("running", {**recorded, "host": "another-host"}) == "running"  # not ours to judge
+    assert runs.run_status("running", None) == "running"  # a run from before the start hook
+
+
+def test_runs_lists_a_killed_run_as_dead():
+    gone = {"host": runs.process_identity()["host"], "pid": 2 ** 22 + 7, "started": 0.0}
+    run = fake_run(process=gone, **CURATION_METADATA)
+    run.status = SimpleNamespace(value="running")
+    assert runs.summarize(run).status == "dead"
