@@ -58,6 +58,9 @@ class Selection:
     """True when an identical selection was already recorded and `selection_id` is that one."""
     unscored: Unscored | None = None
     """The pairs of the version the policy could not decide on for want of a score (None: no model)."""
+    n_without_score: int = 0
+    """Scored pairs left out before the policy because a plugin score it ranks by failed on them or was not
+    computed for them (`plugin_scores`)."""
 
     @property
     def kept_fraction(self) -> float:
@@ -72,7 +75,8 @@ class Selection:
         return {"selection_id": self.selection_id, "policy": self.policy, "policy_params": self.params,
                 "n_selected_from": self.n_pairs, "n_kept": self.n_kept, "n_removed": self.n_pairs - self.n_kept,
                 "n_excluded_quarantined": self.n_excluded, "kept_fraction": self.kept_fraction,
-                "n_unscored": self.unscored.n_unscored if self.unscored else 0}
+                "n_unscored": self.unscored.n_unscored if self.unscored else 0,
+                "n_without_plugin_score": self.n_without_score}
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def select(store: Store, name: str, version: int, model_key: str, policy: str, p
         tokenization_version=missing.tokenization_version, scored_pairs_hash=scored_pairs_hash(result.frame.pair_id),
     )
     return Selection(selection_id, name, version, model_key, result.policy, result.params, len(result.frame),
-                     result.n_kept, n_excluded + n_failed, result.frame, result, reused, missing)
+                     result.n_kept, n_excluded, result.frame, result, reused, missing, n_failed)
 
 
 def without_failed_scores(frame: pd.DataFrame, policy: str, params: dict[str, Any] | None) -> tuple[pd.DataFrame, int]:

@@ -96,6 +96,10 @@ def filter_pairs(
     _print_result(selection.selection_id, result, f"dataset '{dv.name}' v{dv.version}, model {model_key}",
                   selection.n_excluded)
     print_response_lengths(scores[0], result)
+    if selection.n_without_score:
+        console.print(f"{selection.n_without_score:,} pairs have no value of a score the policy ranks by (it failed on "
+                      "them or was not computed: see plugin_scores) and were left out before the policy",
+                      highlight=False)
     if selection.unscored and (note := selection.unscored.note()):
         console.print(Text(printable(note), style="yellow"))
     if selection.reused:
