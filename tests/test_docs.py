@@ -34,7 +34,8 @@ README = REPO / "README.md"
 PAGES = sorted(p for p in (REPO / "docs").rglob("*.md"))
 ROOT = typer.main.get_command(app)
 
-MARKDOWN = [README, *PAGES]
+EXAMPLE_README = REPO / "examples" / "ches-curate-plugin-example" / "README.md"
+MARKDOWN = [README, EXAMPLE_README, *PAGES]
 DOC_PAIRS = [
     {"prompt": f"How do I water plant number {i}?", "chosen": f"Water plant {i} once a week, in the morning.",
      "rejected": "Never water it." if i % 3 else f"Water plant {i} every hour."}
@@ -80,11 +81,12 @@ def test_docs_name_only_real_commands_options_and_imports(path):
 LINK = re.compile(r"\]\((?!https?:|#)([^)#\s]+)(?:#([^)\s]*))?\)")
 
 
-def test_readme_links_reach_files_and_headings():
-    """The README is read on GitHub and PyPI, outside the strict site build: its links are checked here."""
+@pytest.mark.parametrize("readme", [README, EXAMPLE_README], ids=page_id)
+def test_readme_links_reach_files_and_headings(readme):
+    """READMEs are read on GitHub and PyPI, outside the strict site build: their links are checked here."""
     broken = []
-    for target, anchor in LINK.findall(README.read_text(encoding="utf-8")):
-        path = REPO / target
+    for target, anchor in LINK.findall(readme.read_text(encoding="utf-8")):
+        path = readme.parent / target
         if not path.exists():
             broken.append(target)
         elif anchor and anchor not in docs.heading_anchors(path):
