@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -198,3 +199,16 @@ def test_refresh_reproduces_a_chained_selection_from_its_recorded_steps(scored, 
     assert set(matching_selections(scored, "d", MODEL_KEY, spec).selection_id) == {made.selection_id,
                                                                                    again.selection_id}
 
+
+
+def test_a_parquet_file_imports_as_well_and_an_unsupported_file_is_named(scored, tmp_path):
+    ids = list(dict.fromkeys(pair_ids(scored)))
+    source = tmp_path / "m.parquet"
+    pd.DataFrame({"pair_id": ids, "judge": [1.0, 0.0, 1.0, 0.0, 1.0]}).to_parquet(source)
+    assert import_scores(scored, source, "judge").n_imported == 5
+    stored = scored.sql("SELECT pair_id, value FROM plugin_scores ORDER BY pair_id")
+    assert dict(zip(stored.pair_id, stored.value)) == dict(zip(ids, [1.0, 0.0, 1.0, 0.0, 1.0]))
+    other = tmp_path / "m.txt"
+    other.write_text("pair_id value\n")
+    with pytest.raises(ChesCurateError, match=r"m.txt: has an unsupported type '.txt' \(expected .jsonl, .csv or"):
+        import_scores(scored, other, "judge")
